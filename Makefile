@@ -1,0 +1,35 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# Rules call the `ood` entry point: put the venv first on PATH for Snakemake's jobs.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install demo test lint report clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local --configfile config/config.yaml results/tables/all.csv
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check ood tests benchmarks
+	$(BIN)/ruff format --check ood tests benchmarks
+	$(BIN)/snakefmt --check Snakefile workflow
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+
+report: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local --configfile config/config.yaml --report results/report.html results/tables/all.csv
+
+clean:
+	rm -rf results logs benchmarks/runs .snakemake

@@ -1,0 +1,5 @@
+import sys
+
+from ood.cli import main
+
+sys.exit(main())

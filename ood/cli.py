@@ -1,0 +1,178 @@
+"""`ood`: the entry point every workflow rule calls, one subcommand per stage.
+
+Heavy modules are imported inside each subcommand, so `ood score` and
+`ood tables` start without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import ood
+
+log = logging.getLogger("ood")
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text[:80]!r}") from None
+
+
+def _dataset_dir(manifest: str) -> Path:
+    return Path(manifest).parent
+
+
+def cmd_curate(args: argparse.Namespace) -> None:
+    from ood.data.curate import curate
+
+    curate(args.name, args.spec, args.out)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ood.train.loop import TrainSettings, train
+
+    meta = train(
+        _dataset_dir(args.manifest),
+        args.out,
+        args.log_csv,
+        method=args.method,
+        backbone=args.backbone,
+        settings=TrainSettings.from_dict(args.settings),
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        resume_dir=args.resume_dir,
+    )
+    log.info("saved %s (train accuracy %s)", args.out, meta["final_train_accuracy"])
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from ood.features import extract
+
+    dump = extract(
+        args.checkpoint,
+        _dataset_dir(args.manifest),
+        args.split,
+        args.out,
+        role=args.role,
+        batch_size=args.batch_size,
+        device=args.device,
+        threads=args.threads,
+        context=args.context,
+    )
+    log.info("wrote %s: %d rows, feature dim %d", args.out, len(dump), dump.feature.shape[1])
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from ood.scores.run import score_dump
+
+    scores = score_dump(
+        args.scorer, args.params, args.test, args.out, train_path=args.train, threads=args.threads
+    )
+    log.info("wrote %s: %d scores", args.out, len(scores.score))
+
+
+def cmd_tables(args: argparse.Namespace) -> None:
+    from ood.tables import load_benchmarks, write_tables
+
+    benchmarks = load_benchmarks(args.benchmarks)
+    table = write_tables(args.scores, args.features, benchmarks, args.csv, Path(args.csv).parent)
+    log.info("wrote %s: %d rows", args.csv, len(table))
+
+
+def cmd_scorers(args: argparse.Namespace) -> None:
+    from ood.scores import describe
+
+    print("\n".join(describe()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ood",
+        description="oodbench stages. The Snakemake workflow calls these; run them by hand "
+        "to redo one step. Scores follow one convention: higher = more in-distribution.",
+    )
+    parser.add_argument("--version", action="version", version=f"oodbench {ood.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def add_compute(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+    p = add("curate", cmd_curate, "build a dataset under OUT with images and manifest.csv")
+    p.add_argument("--name", required=True, help="dataset name (for messages)")
+    p.add_argument(
+        "--spec", required=True, type=_json_arg, help='JSON: {"source": ..., "params": {...}}'
+    )
+    p.add_argument("--out", required=True, help="dataset directory to create")
+
+    p = add("train", cmd_train, "train one method on a dataset's train split")
+    p.add_argument("--manifest", required=True, help="manifest.csv of the ID dataset")
+    p.add_argument("--method", required=True, help="training objective, e.g. ce")
+    p.add_argument("--backbone", required=True, help="backbone name, e.g. resnet18_32")
+    p.add_argument("--settings", type=_json_arg, default={}, help="JSON training settings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint to write (model.pt)")
+    p.add_argument("--log-csv", required=True, help="per-epoch loss/accuracy CSV to write")
+    p.add_argument("--resume-dir", default=None, help="where epoch checkpoints are kept")
+    add_compute(p)
+
+    p = add("features", cmd_features, "dump logits and penultimate features to Parquet")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--manifest", required=True, help="manifest.csv of the dataset")
+    p.add_argument("--split", required=True, choices=["train", "test"])
+    p.add_argument("--role", required=True, choices=["id", "ood"], help="ood writes label -1")
+    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--context", type=_json_arg, default={}, help="JSON added to file metadata")
+    add_compute(p)
+
+    p = add("score", cmd_score, "score one feature dump with one scorer")
+    p.add_argument("--scorer", required=True, help="registry name (see `ood scorers`)")
+    p.add_argument("--params", type=_json_arg, default={}, help="JSON scorer parameters")
+    p.add_argument("--test", required=True, help="feature dump to score")
+    p.add_argument("--train", default=None, help="ID train feature dump (scorers that fit)")
+    p.add_argument("--out", required=True, help="score dump to write")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = add("tables", cmd_tables, "compute metrics and write all.csv + per-benchmark tables")
+    p.add_argument("--benchmarks", required=True, help='JSON: {name: {"id_dataset", "ood"}}')
+    p.add_argument("--csv", required=True, help="long table to write (all.csv)")
+    p.add_argument("--features", nargs="+", required=True, help="ID test feature dumps")
+    p.add_argument("--scores", nargs="+", required=True, help="score dumps (ID and OOD)")
+
+    add("scorers", cmd_scorers, "list the scorers, what they need and their parameters")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("OOD_DEBUG"):
+            raise
+        print(f"ood {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

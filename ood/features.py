@@ -1,0 +1,85 @@
+"""One forward pass per (model, dataset, split) -> one Parquet feature dump."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import ood
+from ood.data.manifest import load_images, manifest_sha256
+from ood.io import FeatureSet, sha256_file, write_features
+from ood.models.backbones import features_and_logits, load_checkpoint
+from ood.models.specs import BACKBONES
+from ood.train.loop import select_device, to_model_input
+
+
+def extract(
+    checkpoint: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    split: str,
+    out_path: str | os.PathLike,
+    *,
+    role: str,
+    batch_size: int = 256,
+    device: str = "auto",
+    threads: int | None = None,
+    context: dict | None = None,
+) -> FeatureSet:
+    """Dump logits and penultimate features of every image in a split.
+
+    `role` is "id" (labels kept) or "ood" (labels written as -1).
+    `context` (benchmark, dataset name, ...) is added to the file metadata.
+    """
+    if role not in ("id", "ood"):
+        raise ValueError(f"role must be 'id' or 'ood', got {role!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = select_device(device)
+    model, meta = load_checkpoint(checkpoint)
+    model.to(dev)
+    images, labels, index = load_images(dataset_dir, split=split)
+    size = BACKBONES[meta["backbone"]].input_size
+    if images.shape[1:3] != (size, size):
+        raise ValueError(
+            f"{dataset_dir}: images are {images.shape[1]}x{images.shape[2]}, "
+            f"model {checkpoint} expects {size}x{size}"
+        )
+    mean, std = meta["settings"]["mean"], meta["settings"]["std"]
+
+    features, logits = [], []
+    with torch.inference_mode():
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc=f"features {os.path.basename(str(dataset_dir))}/{split}",
+            file=sys.stderr,
+            mininterval=2.0,
+        ):
+            batch = to_model_input(images[start : start + batch_size], mean, std).to(dev)
+            feature, logit = features_and_logits(model, batch)
+            features.append(feature.float().cpu().numpy())
+            logits.append(logit.float().cpu().numpy())
+
+    metadata = {
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "manifest_sha256": manifest_sha256(dataset_dir),
+        "ood_version": ood.__version__,
+        "split": split,
+        "role": role,
+        "method": meta["method"],
+        "backbone": meta["backbone"],
+        "seed": str(meta["seed"]),
+    }
+    metadata.update({k: str(v) for k, v in (context or {}).items()})
+    dump = FeatureSet(
+        index=index,
+        label=labels if role == "id" else np.full(len(labels), -1, dtype=np.int64),
+        logits=np.concatenate(logits) if logits else np.zeros((0, meta["num_classes"]), "f4"),
+        feature=np.concatenate(features) if features else np.zeros((0, 0), "f4"),
+        metadata=metadata,
+    )
+    write_features(out_path, dump)
+    return dump

@@ -1,0 +1,1 @@
+"""Backbones by name (timm) and checkpoint I/O: see `backbones` and `specs`."""

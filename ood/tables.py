@@ -1,0 +1,191 @@
+"""Results tables: the long `all.csv` and a readable wide summary per benchmark.
+
+Every row is identified from the dumps' own metadata (benchmark, method,
+backbone, seed, dataset, scorer), so a table cannot silently mix up files;
+only the grouping of OOD sets into near/far comes from the config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from ood.io import read_features, read_scores, write_text_atomic
+from ood.metrics import accuracy, ood_metrics
+
+COLUMNS = [
+    "benchmark",
+    "id_dataset",
+    "ood_dataset",
+    "ood_group",
+    "method",
+    "backbone",
+    "scorer",
+    "seed",
+    "n_id",
+    "n_ood",
+    "auroc",
+    "fpr95",
+    "aupr_in",
+    "aupr_out",
+    "id_acc",
+    "scorer_params",
+]
+METRICS = ["auroc", "fpr95", "aupr_in", "aupr_out"]
+MODEL_KEYS = ("benchmark", "method", "backbone", "seed")
+
+
+def _key(meta: dict, path: os.PathLike | str, prefix: str = "") -> tuple:
+    try:
+        return tuple(meta[prefix + k] for k in MODEL_KEYS)
+    except KeyError as exc:
+        missing = exc.args[0]
+        raise ValueError(f"{path}: metadata lacks {missing!r}; not an oodbench dump?") from None
+
+
+def build_long_table(
+    score_files: Iterable[str | os.PathLike],
+    id_feature_files: Iterable[str | os.PathLike],
+    benchmarks: dict,
+) -> pd.DataFrame:
+    """One row per (benchmark, method, backbone, seed, scorer, OOD dataset).
+
+    `benchmarks` maps a benchmark name to {"id_dataset": ..., "ood": {group: [datasets]}}.
+    """
+    id_acc = {}
+    for path in id_feature_files:
+        dump = read_features(path)
+        id_acc[_key(dump.metadata, path)] = accuracy(dump.logits, dump.label)
+
+    id_scores, ood_scores = {}, []
+    for path in score_files:
+        dump = read_scores(path)
+        meta = dump.metadata
+        model = _key(meta, path, "features.")
+        bench = benchmarks.get(model[0])
+        if bench is None:
+            raise ValueError(f"{path}: benchmark {model[0]!r} is not in the config")
+        dataset = meta["features.dataset"]
+        entry = (model, meta["scorer"], meta.get("params", "{}"), dataset, dump.score, path)
+        if dataset == bench["id_dataset"]:
+            id_scores[(model, meta["scorer"])] = dump.score
+        else:
+            ood_scores.append(entry)
+
+    groups = {
+        (name, ds): group
+        for name, bench in benchmarks.items()
+        for group, datasets in bench["ood"].items()
+        for ds in datasets
+    }
+    rows = []
+    for model, scorer, params, dataset, scores, path in ood_scores:
+        benchmark, method, backbone, seed = model
+        if (model, scorer) not in id_scores:
+            raise ValueError(f"{path}: no ID test scores of {scorer} for the same model")
+        if model not in id_acc:
+            raise ValueError(f"{path}: no ID test feature dump for {model}")
+        if (benchmark, dataset) not in groups:
+            raise ValueError(f"{path}: {dataset!r} is not an OOD set of benchmark {benchmark!r}")
+        ref = id_scores[(model, scorer)]
+        rows.append(
+            {
+                "benchmark": benchmark,
+                "id_dataset": benchmarks[benchmark]["id_dataset"],
+                "ood_dataset": dataset,
+                "ood_group": groups[(benchmark, dataset)],
+                "method": method,
+                "backbone": backbone,
+                "scorer": scorer,
+                "seed": int(seed),
+                "n_id": len(ref),
+                "n_ood": len(scores),
+                **ood_metrics(ref, scores),
+                "id_acc": id_acc[model],
+                "scorer_params": params,
+            }
+        )
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.sort_values(
+        ["benchmark", "method", "backbone", "seed", "scorer", "ood_group", "ood_dataset"],
+        ignore_index=True,
+    )
+
+
+def _pct(mean: float, std: float, n: int) -> str:
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if n > 1 else "")
+
+
+def _auroc_fpr_cell(per_seed: pd.DataFrame, seeds: int) -> str:
+    """'AUROC / FPR95' over rows that hold one value per seed."""
+    if per_seed.empty:
+        return "-"
+    return " / ".join(
+        _pct(per_seed[m].mean(), per_seed[m].std(ddof=0), seeds) for m in ("auroc", "fpr95")
+    )
+
+
+def wide_markdown(table: pd.DataFrame, benchmark: str, benchmarks: dict) -> str:
+    """Per benchmark: rows (method, backbone, scorer), AUROC / FPR95 in % per OOD set
+    and averaged over the near and far groups; mean ± std over seeds."""
+    part = table[table["benchmark"] == benchmark]
+    bench = benchmarks[benchmark]
+    order = ["near", "far"]  # near-OOD first, as the papers' tables do
+    groups = {g: bench["ood"][g] for g in sorted(bench["ood"], key=order.index) if bench["ood"][g]}
+    datasets = [d for ds in groups.values() for d in ds]
+    header = ["method", "backbone", "scorer", "seeds", "ID acc"]
+    header += [f"{d} AUROC / FPR95" for d in datasets]
+    header += [f"{g} avg AUROC / FPR95" for g in groups]
+    lines = [
+        f"# {benchmark}: ID {bench['id_dataset']}",
+        "",
+        "AUROC and FPR95 in %; FPR95 = OOD accepted at the threshold keeping 95% of ID. "
+        "Averages: mean over the group's datasets per seed, then mean ± std over seeds.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for (method, backbone, scorer), rows in part.groupby(["method", "backbone", "scorer"]):
+        seeds = rows["seed"].nunique()
+        acc = rows.groupby("seed")["id_acc"].first()
+        cells = [method, backbone, scorer, str(seeds), _pct(acc.mean(), acc.std(ddof=0), seeds)]
+        for d in datasets:
+            cells.append(_auroc_fpr_cell(rows[rows["ood_dataset"] == d], seeds))
+        for group in groups:
+            per_seed = rows[rows["ood_group"] == group].groupby("seed")[["auroc", "fpr95"]].mean()
+            cells.append(_auroc_fpr_cell(per_seed, seeds))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    score_files: list[str],
+    id_feature_files: list[str],
+    benchmarks: dict,
+    csv_path: str | os.PathLike,
+    markdown_dir: str | os.PathLike,
+) -> pd.DataFrame:
+    table = build_long_table(score_files, id_feature_files, benchmarks)
+    if table.empty:
+        raise ValueError("no OOD score files given: nothing to tabulate")
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False, float_format="%.6f")
+    for benchmark in benchmarks:
+        text = wide_markdown(table, benchmark, benchmarks)
+        write_text_atomic(Path(markdown_dir) / f"{benchmark}.md", text)
+    # all.csv last: it is the target users ask for, so it appears only when all is done.
+    write_text_atomic(csv_path, buffer.getvalue())
+    return table
+
+
+def load_benchmarks(text: str) -> dict:
+    benchmarks = json.loads(text)
+    for name, bench in benchmarks.items():
+        if "id_dataset" not in bench or "ood" not in bench:
+            raise ValueError(f"benchmark {name!r}: needs 'id_dataset' and 'ood'")
+    return benchmarks

@@ -1,0 +1,239 @@
+"""The training loop every method shares: data, optimiser, schedule, resume, log.
+
+Determinism: the model is initialised from `seed`, and each epoch's shuffle
+and augmentation draw from a generator seeded by (seed, epoch). So a run
+resumed from its epoch checkpoint replays exactly what an uninterrupted run
+would have done, and the same seed gives the same weights on CPU (with the
+same thread count).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ood.data.manifest import load_images, manifest_sha256
+from ood.io import atomic_path, write_text_atomic
+from ood.models.backbones import build_model, save_checkpoint
+from ood.models.specs import BACKBONES
+from ood.train import get_objective
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("epoch", "loss", "accuracy", "lr", "seconds")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    crop_padding: int = 4  # random crop after zero-padding by this many pixels; 0 = off
+    hflip: bool = False  # digits and text are not mirror-symmetric
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    pretrained: str | None = None  # path to backbone weights on disk; None = random init
+    method_params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainSettings:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def select_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible")
+    return torch.device(requested)
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 NHWC -> normalised float32 NCHW."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def augment(batch: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (with zero padding) and optional flip, drawn from `gen`."""
+    n, _, h, w = batch.shape
+    pad = settings.crop_padding
+    if pad > 0:
+        padded = nn.functional.pad(batch, (pad, pad, pad, pad))
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+        batch = torch.stack(
+            [padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())]
+        )
+    if settings.hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(3), batch)
+    return batch
+
+
+def _settings_digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def train(
+    dataset_dir: str | os.PathLike,
+    checkpoint_path: str | os.PathLike,
+    log_path: str | os.PathLike,
+    *,
+    method: str,
+    backbone: str,
+    settings: TrainSettings,
+    seed: int,
+    device: str = "auto",
+    threads: int | None = None,
+    resume_dir: str | os.PathLike | None = None,
+    stop_after_epoch: int | None = None,  # for tests: simulate a kill after this epoch
+) -> dict:
+    """Train `method` on the train split of a curated dataset; returns the checkpoint meta."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    dev = select_device(device)
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+
+    images, labels, _ = load_images(dataset_dir, split="train")
+    num_classes = int(labels.max()) + 1
+    size = BACKBONES[backbone].input_size
+    if images.shape[1:3] != (size, size):
+        raise ValueError(
+            f"{dataset_dir}: images are {images.shape[1]}x{images.shape[2]}, "
+            f"backbone {backbone!r} expects {size}x{size}"
+        )
+    inputs = to_model_input(images, settings.mean, settings.std)
+    targets = torch.as_tensor(labels)
+    n = len(targets)
+    steps_per_epoch = (n + settings.batch_size - 1) // settings.batch_size
+
+    objective = get_objective(method, settings.method_params)
+    torch.manual_seed(seed)
+    model = build_model(backbone, num_classes, settings.pretrained).to(dev)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        nesterov=settings.nesterov,
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=settings.epochs * steps_per_epoch
+    )
+    meta = {
+        "method": method,
+        "backbone": backbone,
+        "num_classes": num_classes,
+        "seed": seed,
+        "settings": asdict(settings),
+        "dataset_manifest_sha256": manifest_sha256(dataset_dir),
+        "n_train": n,
+    }
+    digest = _settings_digest(meta)
+
+    rows: list[dict] = []
+    start_epoch = 0
+    resume_file = Path(resume_dir) / "last.pt" if resume_dir else None
+    if resume_file and resume_file.exists():
+        state = torch.load(resume_file, map_location="cpu", weights_only=False)
+        if state.get("digest") == digest:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rows, start_epoch = state["rows"], state["epoch"]
+            log.info("resuming %s from epoch %d (%s)", method, start_epoch, resume_file)
+        else:
+            log.info("ignoring %s: written for other settings", resume_file)
+
+    bar = tqdm(
+        total=settings.epochs * steps_per_epoch,
+        initial=start_epoch * steps_per_epoch,
+        desc=f"train {method} seed {seed}",
+        file=sys.stderr,
+        mininterval=2.0,
+    )
+    for epoch in range(start_epoch, settings.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        started = time.perf_counter()
+        loss_sum, correct = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            batch = augment(inputs[idx], settings, gen).to(dev)
+            target = targets[idx].to(dev)
+            loss, logits = objective.loss(model, batch, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == target).sum())
+            bar.update(1)
+        rows.append(
+            {
+                "epoch": epoch + 1,
+                "loss": round(loss_sum / n, 6),
+                "accuracy": round(correct / n, 6),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+        log.info("epoch %(epoch)d: loss %(loss).4f, train accuracy %(accuracy).4f", rows[-1])
+        if resume_file:
+            with atomic_path(resume_file) as tmp:
+                torch.save(
+                    {
+                        "digest": digest,
+                        "epoch": epoch + 1,
+                        "rows": rows,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    tmp,
+                )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} as asked")
+    bar.close()
+
+    meta["epochs"] = settings.epochs
+    meta["final_train_accuracy"] = rows[-1]["accuracy"] if rows else None
+    save_checkpoint(checkpoint_path, model.cpu(), meta)
+    _write_log(Path(log_path), rows)
+    if resume_file:
+        resume_file.unlink(missing_ok=True)  # the final checkpoint supersedes it
+    return meta

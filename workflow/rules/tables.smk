@@ -1,0 +1,30 @@
+rule tables:
+    input:
+        features=all_id_test_features(),
+        scores=all_score_files(),
+    output:
+        csv=report(
+            "results/tables/all.csv",
+            caption="../report/all_csv.rst",
+            category="Tables",
+        ),
+        markdown=report(
+            expand("results/tables/{benchmark}.md", benchmark=BENCHMARKS),
+            caption="../report/summary_md.rst",
+            category="Tables",
+        ),
+    params:
+        benchmarks=benchmark_groups(),
+    log:
+        "results/logs/tables.log",
+    benchmark:
+        "results/benchmarks/tables.tsv"
+    conda:
+        "../../envs/score.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "ood tables --benchmarks {params.benchmarks:q} --csv {output.csv}"
+        " --features {input.features} --scores {input.scores} 2> {log}"

@@ -1,0 +1,31 @@
+rule train:
+    input:
+        manifest=lambda w: manifest(BENCHMARKS[w.benchmark]["id_dataset"]),
+    output:
+        model="results/models/{benchmark}/{method}/seed{seed}/model.pt",
+        log_csv=report(
+            "results/models/{benchmark}/{method}/seed{seed}/train_log.csv",
+            caption="../report/train_log.rst",
+            category="Training",
+            labels={"benchmark": "{benchmark}", "method": "{method}", "seed": "{seed}"},
+        ),
+    params:
+        backbone=lambda w: BENCHMARKS[w.benchmark]["backbone"],
+        settings=lambda w: to_json(train_settings(BENCHMARKS[w.benchmark], w.method)),
+        resume_dir=lambda w: f"{model_dir(w)}/resume",
+        device=config["device"],
+    log:
+        "results/logs/train/{benchmark}/{method}/seed{seed}.log",
+    benchmark:
+        "results/benchmarks/train/{benchmark}/{method}/seed{seed}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    shell:
+        "ood train --manifest {input.manifest} --method {wildcards.method}"
+        " --backbone {params.backbone} --settings {params.settings:q} --seed {wildcards.seed}"
+        " --out {output.model} --log-csv {output.log_csv} --resume-dir {params.resume_dir}"
+        " --device {params.device} --threads {threads} 2> {log}"
