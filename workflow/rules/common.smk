@@ -5,7 +5,6 @@ from snakemake.utils import validate
 
 from ood.config import check_config, to_json, train_settings
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config)
 

@@ -1,9 +1,6 @@
 rule curate_dataset:
     output:
         manifest("{dataset}"),
-    params:
-        spec=lambda w: to_json(config["datasets"][w.dataset]),
-        out=lambda w: f"resources/data/{w.dataset}",
     log:
         "results/logs/data/{dataset}.log",
     benchmark:
@@ -14,5 +11,8 @@ rule curate_dataset:
     resources:
         mem_mb=2000,
         runtime=60,
+    params:
+        spec=lambda w: to_json(config["datasets"][w.dataset]),
+        out=lambda w: f"resources/data/{w.dataset}",
     shell:
         "ood curate --name {wildcards.dataset} --spec {params.spec:q} --out {params.out} 2> {log}"

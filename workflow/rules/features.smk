@@ -3,18 +3,6 @@ rule features:
         unpack(feature_inputs),
     output:
         "results/features/{benchmark}/{method}/seed{seed}/{split}/{dataset}.parquet",
-    params:
-        role=lambda w: role(w.benchmark, w.dataset),
-        batch_size=lambda w: BENCHMARKS[w.benchmark].get("features", {}).get("batch_size", 256),
-        context=lambda w: to_json(
-            {
-                "benchmark": w.benchmark,
-                "dataset": w.dataset,
-                "method": w.method,
-                "seed": w.seed,
-            }
-        ),
-        device=config["device"],
     log:
         "results/logs/features/{benchmark}/{method}/seed{seed}/{split}/{dataset}.log",
     benchmark:
@@ -25,6 +13,20 @@ rule features:
     resources:
         mem_mb=8000,
         runtime=120,
+    params:
+        role=lambda w: role(w.benchmark, w.dataset),
+        batch_size=lambda w: BENCHMARKS[w.benchmark]
+        .get("features", {})
+        .get("batch_size", 256),
+        context=lambda w: to_json(
+            {
+                "benchmark": w.benchmark,
+                "dataset": w.dataset,
+                "method": w.method,
+                "seed": w.seed,
+            }
+        ),
+        device=config["device"],
     shell:
         "ood features --checkpoint {input.model} --manifest {input.manifest}"
         " --split {wildcards.split} --role {params.role} --out {output}"

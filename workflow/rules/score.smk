@@ -3,9 +3,6 @@ rule score:
         unpack(score_inputs),
     output:
         "results/scores/{benchmark}/{method}/seed{seed}/{scorer}/{dataset}.parquet",
-    params:
-        scorer_params=lambda w: to_json(BENCHMARKS[w.benchmark]["scorers"][w.scorer]),
-        train=lambda w, input: f"--train {input.train}" if "train" in input.keys() else "",
     log:
         "results/logs/scores/{benchmark}/{method}/seed{seed}/{scorer}/{dataset}.log",
     benchmark:
@@ -16,6 +13,11 @@ rule score:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        scorer_params=lambda w: to_json(BENCHMARKS[w.benchmark]["scorers"][w.scorer]),
+        train=lambda w, input: (
+            f"--train {input.train}" if "train" in input.keys() else ""
+        ),
     shell:
         "ood score --scorer {wildcards.scorer} --params {params.scorer_params:q}"
         " --test {input.test} {params.train} --out {output} --threads {threads} 2> {log}"

@@ -13,8 +13,6 @@ rule tables:
             caption="../report/summary_md.rst",
             category="Tables",
         ),
-    params:
-        benchmarks=benchmark_groups(),
     log:
         "results/logs/tables.log",
     benchmark:
@@ -25,6 +23,8 @@ rule tables:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        benchmarks=benchmark_groups(),
     shell:
         "ood tables --benchmarks {params.benchmarks:q} --csv {output.csv}"
         " --features {input.features} --scores {input.scores} 2> {log}"

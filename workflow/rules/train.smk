@@ -7,13 +7,12 @@ rule train:
             "results/models/{benchmark}/{method}/seed{seed}/train_log.csv",
             caption="../report/train_log.rst",
             category="Training",
-            labels={"benchmark": "{benchmark}", "method": "{method}", "seed": "{seed}"},
+            labels={
+                "benchmark": "{benchmark}",
+                "method": "{method}",
+                "seed": "{seed}",
+            },
         ),
-    params:
-        backbone=lambda w: BENCHMARKS[w.benchmark]["backbone"],
-        settings=lambda w: to_json(train_settings(BENCHMARKS[w.benchmark], w.method)),
-        resume_dir=lambda w: f"{model_dir(w)}/resume",
-        device=config["device"],
     log:
         "results/logs/train/{benchmark}/{method}/seed{seed}.log",
     benchmark:
@@ -24,6 +23,11 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=720,
+    params:
+        backbone=lambda w: BENCHMARKS[w.benchmark]["backbone"],
+        settings=lambda w: to_json(train_settings(BENCHMARKS[w.benchmark], w.method)),
+        resume_dir=lambda w: f"{model_dir(w)}/resume",
+        device=config["device"],
     shell:
         "ood train --manifest {input.manifest} --method {wildcards.method}"
         " --backbone {params.backbone} --settings {params.settings:q} --seed {wildcards.seed}"
