@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --profile profiles/local --configfile config/config.yaml results/tables/all.csv
+	$(BIN)/snakemake results/tables/all.csv --profile profiles/local --configfile config/config.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 report: $(STAMP)
-	$(BIN)/snakemake --profile profiles/local --configfile config/config.yaml --report results/report.html results/tables/all.csv
+	$(BIN)/snakemake results/tables/all.csv --profile profiles/local --report results/report.html --configfile config/config.yaml
 
 clean:
 	rm -rf results logs benchmarks/runs .snakemake

@@ -1,8 +1,6 @@
 # oodbench: data -> train -> features -> scores -> tables.
-# Run: snakemake --profile profiles/local --configfile config/config.yaml results/tables/all.csv
-
-
-configfile: "config/config.yaml"
+# Run: snakemake --profile profiles/local [--configfile config/<benchmark>.yaml] results/tables/all.csv
+# Without --configfile the embedded demo (config/config.yaml) runs.
 
 
 report: "workflow/report/workflow.rst"

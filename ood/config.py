@@ -12,6 +12,38 @@ class ConfigError(ValueError):
     """A config names something unknown or inconsistent; the message names the key."""
 
 
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def validate_schema(config: dict, schema_path: str) -> None:
+    """Validate against the JSON schema with a one-line error naming the key.
+
+    Snakemake's `validate` (which also fills in defaults) runs after this; its
+    own message is correct but buries the key under a dump of the schema.
+    """
+    import jsonschema
+
+    schema = load_yaml(schema_path)
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if errors:
+        error = jsonschema.exceptions.best_match(errors)
+        where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise ConfigError(f"config {where}: {error.message}")
+
+
+def validate_config(config: dict, schema_path: str) -> None:
+    """Everything the Snakefile checks at parse time; fills in schema defaults."""
+    from snakemake.utils import validate
+
+    validate_schema(config, schema_path)
+    validate(config, schema_path)  # same schema, passes; run for its defaults
+    check_config(config)
+
+
 def check_config(config: dict) -> None:
     from ood.data.demo import SOURCES
     from ood.models.specs import BACKBONES

@@ -1,12 +1,13 @@
 # Config validation and input functions. Kept cheap: every cluster job re-parses this.
 import json
 
-from snakemake.utils import validate
+from ood.config import load_yaml, to_json, train_settings, validate_config
 
-from ood.config import check_config, to_json, train_settings
-
-validate(config, schema="../schemas/config.schema.yaml")
-check_config(config)
+if not config:
+    # No --configfile given: the embedded demo. (A `configfile:` directive would
+    # instead merge the demo into every user config.)
+    config.update(load_yaml(f"{workflow.basedir}/config/config.yaml"))
+validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
 BENCHMARKS = config["benchmarks"]
 NAME = "[A-Za-z0-9_]+"

@@ -1,0 +1,126 @@
+"""Config validation: each bad config stops at parse time with the key named."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ood.config import ConfigError, train_settings, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
+TINY = yaml.safe_load((REPO / "tests/fixtures/tiny.yaml").read_text())
+
+
+def bad(mutate) -> dict:
+    config = copy.deepcopy(TINY)
+    mutate(config)
+    return config
+
+
+def bench(config: dict) -> dict:
+    return config["benchmarks"]["tiny"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.update(epochs=3), r"config \(top level\): .*'epochs' was unexpected"),
+        (
+            lambda c: bench(c)["train"].update(epocs=3),
+            r"config benchmarks\.tiny\.train: .*'epocs' was unexpected",
+        ),
+        (
+            lambda c: bench(c)["train"].update(lr="fast"),
+            r"config benchmarks\.tiny\.train\.lr: 'fast' is not of type 'number'",
+        ),
+        (lambda c: bench(c).update(seeds="0"), r"config benchmarks\.tiny\.seeds: '0' is not"),
+        (lambda c: c.update(device="tpu"), r"config device: 'tpu' is not one of"),
+        (lambda c: bench(c).pop("scorers"), r"config benchmarks\.tiny: 'scorers' is a required"),
+        (
+            lambda c: c["datasets"]["noise"].update(source="gaussian"),
+            r"datasets\.noise\.source: unknown source 'gaussian'; known: .*gaussian_noise",
+        ),
+        (
+            lambda c: bench(c).update(id_dataset="digits"),
+            r"benchmarks\.tiny\.id_dataset: 'digits' is not in datasets",
+        ),
+        (
+            lambda c: bench(c)["ood"]["far"].append("svhn"),
+            r"benchmarks\.tiny\.ood\.far: 'svhn' is not in datasets",
+        ),
+        (
+            lambda c: bench(c)["ood"]["far"].append("digits_34"),
+            r"benchmarks\.tiny\.ood\.far: 'digits_34' is already in ood\.near",
+        ),
+        (
+            lambda c: bench(c)["ood"]["near"].append("digits_012"),
+            r"'digits_012' is already in id_dataset",
+        ),
+        (
+            lambda c: bench(c).update(backbone="resnet19"),
+            r"benchmarks\.tiny\.backbone: unknown backbone 'resnet19'; known: .*resnet18_32",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(supcom={}),
+            r"benchmarks\.tiny\.methods: unknown method 'supcom'; known: ce",
+        ),
+        (
+            lambda c: bench(c)["scorers"].update(knm={}),
+            r"benchmarks\.tiny\.scorers\.knm: unknown scorer 'knm'; known: .*knn",
+        ),
+        (
+            lambda c: bench(c)["scorers"].update(knn={"k": 0}),
+            r"benchmarks\.tiny\.scorers\.knn: .*'k' must be an integer >= 1, got 0",
+        ),
+        (
+            lambda c: bench(c)["scorers"].update(energy={"temp": 1}),
+            r"benchmarks\.tiny\.scorers\.energy: .*unknown parameter\(s\) 'temp'",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(mutate, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        validate_config(bad(mutate), SCHEMA)
+
+
+def test_good_config_gets_defaults():
+    config = copy.deepcopy(TINY)
+    del bench(config)["seeds"]
+    validate_config(config, SCHEMA)
+    assert bench(config)["seeds"] == [0]
+    assert bench(config)["features"] == {"batch_size": 256}
+    assert config["datasets"]["noise"]["params"] == {"n": 10}
+
+
+def test_method_overrides_benchmark_training_settings():
+    config = copy.deepcopy(TINY)
+    bench(config)["methods"]["ce"] = {"train": {"lr": 0.2}}
+    validate_config(config, SCHEMA)
+    assert train_settings(bench(config), "ce") == {"epochs": 2, "batch_size": 8, "lr": 0.2}
+
+
+def test_snakemake_stops_at_parse_time_and_writes_nothing(tmp_path):
+    for name in ("Snakefile", "workflow", "config"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    config = bad(lambda c: bench(c)["train"].update(epocs=3))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "snakemake"), "-n", "--configfile", "bad.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "config benchmarks.tiny.train: Additional properties are not allowed ('epocs'" in (
+        result.stdout + result.stderr
+    )
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()

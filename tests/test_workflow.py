@@ -1,0 +1,164 @@
+"""The whole DAG on a tiny config in a temp directory, checked file by file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ood.data.manifest import read_manifest
+from ood.io import read_features, read_scores, sha256_file
+from ood.metrics import accuracy, ood_metrics
+from ood.tables import COLUMNS
+
+pytestmark = pytest.mark.workflow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SCORERS = ["msp", "maxlogit", "energy", "mahalanobis", "knn"]
+OOD = {"digits_34": "near", "textures": "far", "noise": "far"}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a dry run."""
+    counts = {}
+    for rule, count in re.findall(r"^(\w+)\s+(\d+)$", output, flags=re.M):
+        if rule != "total":
+            counts[rule] = int(count)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    for name in ("Snakefile", "workflow", "config", "envs", "profiles"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / name)
+    shutil.copy(REPO / "tests/fixtures/tiny.yaml", workdir / "config/tiny.yaml")
+    result = snakemake(workdir, "results/tables/all.csv", "--configfile", "config/tiny.yaml")
+    return workdir, result
+
+
+def test_all_csv_has_one_row_per_scorer_and_ood_set(run):
+    workdir, _ = run
+    table = pd.read_csv(workdir / "results/tables/all.csv")
+    assert list(table.columns) == COLUMNS
+    assert len(table) == len(SCORERS) * len(OOD)
+    assert sorted(set(table.scorer)) == sorted(SCORERS)
+    assert dict(zip(table.ood_dataset, table.ood_group, strict=True)) == OOD
+    assert set(table.benchmark) == {"tiny"} and set(table.id_dataset) == {"digits_012"}
+    assert set(table.method) == {"ce"} and set(table.backbone) == {"resnet18_32_pool"}
+    # digits 0-2, 16 each, half to test; OOD: 2 x 6 digits, 2 x 5 crops, 10 noise
+    assert set(table.n_id) == {24}
+    assert dict(zip(table.ood_dataset, table.n_ood, strict=True)) == {
+        "digits_34": 12,
+        "textures": 10,
+        "noise": 10,
+    }
+    for column in ("auroc", "fpr95", "aupr_in", "aupr_out", "id_acc"):
+        assert table[column].between(0, 1).all(), column
+
+
+def test_metrics_recomputed_from_the_dumps(run):
+    workdir, _ = run
+    table = pd.read_csv(workdir / "results/tables/all.csv")
+    scores = workdir / "results/scores/tiny/ce/seed0"
+    id_test = read_features(workdir / "results/features/tiny/ce/seed0/test/digits_012.parquet")
+    for row in table.itertuples():
+        id_scores = read_scores(scores / row.scorer / "digits_012.parquet").score
+        ood_scores = read_scores(scores / row.scorer / f"{row.ood_dataset}.parquet").score
+        expected = ood_metrics(id_scores, ood_scores)
+        for metric, value in expected.items():
+            assert getattr(row, metric) == pytest.approx(value, abs=1e-6), (row, metric)
+        assert row.id_acc == pytest.approx(accuracy(id_test.logits, id_test.label), abs=1e-6)
+
+
+def test_scores_follow_the_sign_convention(run):
+    """energy = T * logsumexp(logits / T) with T = 2 from the config, from the dump itself."""
+    workdir, _ = run
+    dump = read_features(workdir / "results/features/tiny/ce/seed0/test/noise.parquet")
+    scores = read_scores(workdir / "results/scores/tiny/ce/seed0/energy/noise.parquet")
+    logits = dump.logits.astype(np.float64) / 2.0
+    peak = logits.max(axis=1, keepdims=True)
+    expected = 2.0 * (peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1)))
+    np.testing.assert_allclose(scores.score, expected, rtol=1e-6)
+    assert (scores.label == -1).all() and (dump.label == -1).all()
+
+
+def test_provenance_chain(run):
+    workdir, _ = run
+    for dataset in ("digits_012", *OOD):
+        data_dir = workdir / "resources/data" / dataset
+        for row in read_manifest(data_dir):
+            digest = hashlib.sha256((data_dir / row.path).read_bytes()).hexdigest()
+            assert digest == row.sha256
+    dump = read_features(workdir / "results/features/tiny/ce/seed0/test/textures.parquet")
+    assert dump.metadata["checkpoint_sha256"] == sha256_file(
+        workdir / "results/models/tiny/ce/seed0/model.pt"
+    )
+    assert dump.metadata["manifest_sha256"] == sha256_file(
+        workdir / "resources/data/textures/manifest.csv"
+    )
+    assert len(dump) == len(read_manifest(workdir / "resources/data/textures"))
+
+
+def test_training_log_and_rule_logs(run):
+    workdir, _ = run
+    log = pd.read_csv(workdir / "results/models/tiny/ce/seed0/train_log.csv")
+    assert list(log.columns) == ["epoch", "loss", "accuracy", "lr", "seconds"]
+    assert list(log.epoch) == [1, 2]
+    assert (workdir / "results/logs/train/tiny/ce/seed0.log").read_text().count("epoch") >= 2
+    assert (workdir / "results/benchmarks/train/tiny/ce/seed0.tsv").exists()
+    summary = (workdir / "results/tables/tiny.md").read_text()
+    assert summary.count("| ce | resnet18_32_pool |") == len(SCORERS)
+    assert summary.index("digits_34 AUROC") < summary.index("textures AUROC")
+
+
+def test_second_run_does_nothing(run):
+    workdir, _ = run
+    result = snakemake(workdir, "results/tables/all.csv", "-n", "--configfile", "config/tiny.yaml")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_one_scorer_parameter_reruns_only_that_scorer(run):
+    workdir, _ = run
+    config = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
+    config["benchmarks"]["tiny"]["scorers"]["knn"]["k"] = 4
+    (workdir / "config/changed.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(
+        workdir, "results/tables/all.csv", "-n", "--configfile", "config/changed.yaml"
+    )
+    assert planned_jobs(result.stdout) == {"score": 1 + len(OOD), "tables": 1}
+    outputs = set(re.findall(r"^\s+output: (results/scores/\S+)$", result.stdout, flags=re.M))
+    assert outputs == {
+        f"results/scores/tiny/ce/seed0/knn/{dataset}.parquet" for dataset in ("digits_012", *OOD)
+    }
+
+
+def test_lint_is_clean(run):
+    workdir, _ = run
+    result = snakemake(workdir, "--lint", "--configfile", "config/tiny.yaml")
+    assert "Congratulations, your workflow is in a good condition!" in result.stderr
