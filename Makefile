@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check ood tests benchmarks
-	$(BIN)/ruff format --check ood tests benchmarks
+	$(BIN)/ruff check ood tests
+	$(BIN)/ruff format --check ood tests
 	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
@@ -32,4 +32,4 @@ report: $(STAMP)
 	$(BIN)/snakemake results/tables/all.csv --profile profiles/local --report results/report.html --configfile config/config.yaml
 
 clean:
-	rm -rf results logs benchmarks/runs .snakemake
+	rm -rf results resources .snakemake
