@@ -18,11 +18,16 @@ import ood
 log = logging.getLogger("ood")
 
 
-def _json_arg(text: str):
+def _json_arg(text: str) -> dict:
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text[:80]!r}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text[:80]!r}")
+    return value
 
 
 def _dataset_dir(manifest: str) -> Path:

@@ -77,8 +77,8 @@ def extract(
     dump = FeatureSet(
         index=index,
         label=labels if role == "id" else np.full(len(labels), -1, dtype=np.int64),
-        logits=np.concatenate(logits) if logits else np.zeros((0, meta["num_classes"]), "f4"),
-        feature=np.concatenate(features) if features else np.zeros((0, 0), "f4"),
+        logits=np.concatenate(logits),  # load_images never returns an empty split
+        feature=np.concatenate(features),
         metadata=metadata,
     )
     write_features(out_path, dump)

@@ -198,6 +198,10 @@ def write_scores(path: str | os.PathLike, scores: ScoreSet) -> None:
     score = np.asarray(scores.score, dtype=np.float64)
     if score.ndim != 1 or len(score) != len(scores.index):
         raise DumpError(f"{path}: score must be 1-D with one value per row, got {score.shape}")
+    if len(scores.label) != len(scores.index):
+        raise DumpError(
+            f"{path}: label has {len(scores.label)} rows, index has {len(scores.index)}"
+        )
     if not np.all(np.isfinite(score)):
         bad = int(np.sum(~np.isfinite(score)))
         raise DumpError(f"{path}: {bad} score(s) are NaN or infinite")

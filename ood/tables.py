@@ -62,7 +62,7 @@ def build_long_table(
         dump = read_features(path)
         id_acc[_key(dump.metadata, path)] = accuracy(dump.logits, dump.label)
 
-    id_scores, ood_scores = {}, []
+    id_scores, ood_scores, seen = {}, [], {}
     for path in score_files:
         dump = read_scores(path)
         meta = dump.metadata
@@ -70,8 +70,16 @@ def build_long_table(
         bench = benchmarks.get(model[0])
         if bench is None:
             raise ValueError(f"{path}: benchmark {model[0]!r} is not in the config")
+        missing = [k for k in ("scorer", "features.dataset") if k not in meta]
+        if missing:
+            raise ValueError(f"{path}: metadata lacks {missing[0]!r}; not an oodbench dump?")
         dataset = meta["features.dataset"]
         entry = (model, meta["scorer"], meta.get("params", "{}"), dataset, dump.score, path)
+        if (model, meta["scorer"], dataset) in seen:
+            raise ValueError(
+                f"{path}: same model, scorer and dataset as {seen[model, meta['scorer'], dataset]}"
+            )
+        seen[(model, meta["scorer"], dataset)] = path
         if dataset == bench["id_dataset"]:
             id_scores[(model, meta["scorer"])] = dump.score
         else:

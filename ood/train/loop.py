@@ -199,7 +199,7 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == target).sum())
             bar.update(1)
         rows.append(
