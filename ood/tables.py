@@ -35,6 +35,8 @@ COLUMNS = [
     "aupr_out",
     "id_acc",
     "scorer_params",
+    "id_manifest_sha256",
+    "ood_manifest_sha256",
 ]
 METRICS = ["auroc", "fpr95", "aupr_in", "aupr_out"]
 MODEL_KEYS = ("benchmark", "method", "backbone", "seed")
@@ -74,14 +76,14 @@ def build_long_table(
         if missing:
             raise ValueError(f"{path}: metadata lacks {missing[0]!r}; not an oodbench dump?")
         dataset = meta["features.dataset"]
-        entry = (model, meta["scorer"], meta.get("params", "{}"), dataset, dump.score, path)
+        entry = (model, meta["scorer"], meta.get("params", "{}"), dataset, dump, path)
         if (model, meta["scorer"], dataset) in seen:
             raise ValueError(
                 f"{path}: same model, scorer and dataset as {seen[model, meta['scorer'], dataset]}"
             )
         seen[(model, meta["scorer"], dataset)] = path
         if dataset == bench["id_dataset"]:
-            id_scores[(model, meta["scorer"])] = dump.score
+            id_scores[(model, meta["scorer"])] = dump
         else:
             ood_scores.append(entry)
 
@@ -92,7 +94,7 @@ def build_long_table(
         for ds in datasets
     }
     rows = []
-    for model, scorer, params, dataset, scores, path in ood_scores:
+    for model, scorer, params, dataset, ood_dump, path in ood_scores:
         benchmark, method, backbone, seed = model
         if (model, scorer) not in id_scores:
             raise ValueError(f"{path}: no ID test scores of {scorer} for the same model")
@@ -100,7 +102,7 @@ def build_long_table(
             raise ValueError(f"{path}: no ID test feature dump for {model}")
         if (benchmark, dataset) not in groups:
             raise ValueError(f"{path}: {dataset!r} is not an OOD set of benchmark {benchmark!r}")
-        ref = id_scores[(model, scorer)]
+        id_dump = id_scores[(model, scorer)]
         rows.append(
             {
                 "benchmark": benchmark,
@@ -111,11 +113,14 @@ def build_long_table(
                 "backbone": backbone,
                 "scorer": scorer,
                 "seed": int(seed),
-                "n_id": len(ref),
-                "n_ood": len(scores),
-                **ood_metrics(ref, scores),
+                "n_id": len(id_dump.score),
+                "n_ood": len(ood_dump.score),
+                **ood_metrics(id_dump.score, ood_dump.score),
                 "id_acc": id_acc[model],
                 "scorer_params": params,
+                # which exact data the row measured: cite these with the numbers
+                "id_manifest_sha256": id_dump.metadata.get("features.manifest_sha256", ""),
+                "ood_manifest_sha256": ood_dump.metadata.get("features.manifest_sha256", ""),
             }
         )
     table = pd.DataFrame(rows, columns=COLUMNS)
@@ -168,6 +173,10 @@ def wide_markdown(table: pd.DataFrame, benchmark: str, benchmarks: dict) -> str:
             per_seed = rows[rows["ood_group"] == group].groupby("seed")[["auroc", "fpr95"]].mean()
             cells.append(_auroc_fpr_cell(per_seed, seeds))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Data (manifest sha256, first 16 hex digits):", ""]
+    manifests = dict(zip(part["ood_dataset"], part["ood_manifest_sha256"], strict=True))
+    manifests = {bench["id_dataset"]: part["id_manifest_sha256"].iloc[0], **manifests}
+    lines += [f"- {name}: `{digest[:16] or 'unknown'}`" for name, digest in manifests.items()]
     return "\n".join(lines) + "\n"
 
 

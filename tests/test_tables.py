@@ -1,5 +1,6 @@
 """Results tables from hand-made dumps: all.csv rows, metrics, the markdown summary."""
 
+import hashlib
 import json
 import re
 import statistics
@@ -11,7 +12,7 @@ import pytest
 
 from ood import metrics
 from ood.io import FeatureSet, ScoreSet, write_features, write_scores
-from ood.tables import COLUMNS, build_long_table, write_tables
+from ood.tables import COLUMNS, build_long_table, wide_markdown, write_tables
 
 BENCH, ID_SET, METHOD, BACKBONE = "bench", "cifar10", "ce", "resnet18_32"
 NEAR, FAR = ["cifar100"], ["svhn", "places"]
@@ -50,7 +51,12 @@ def score_meta(seed, scorer, dataset, benchmark=BENCH) -> dict:
         "features.seed": str(seed),
         "features.dataset": dataset,
         "features.split": "test",
+        "features.manifest_sha256": manifest_digest(dataset),
     }
+
+
+def manifest_digest(dataset: str) -> str:
+    return hashlib.sha256(dataset.encode()).hexdigest()
 
 
 def write_score_file(root: Path, seed, scorer, dataset, values, changes=None) -> str:
@@ -387,3 +393,13 @@ def test_error_duplicate_score_file(dumps):
     ):
         write_tables([*dumps["scores"], copy], dumps["features"], BENCHMARKS, out / "all.csv", out)
     assert_nothing_written(out)
+
+
+def test_rows_cite_the_manifests(dumps):
+    table = build_long_table(dumps["scores"], dumps["features"], BENCHMARKS)
+    assert set(table.id_manifest_sha256) == {manifest_digest(ID_SET)}
+    for row in table.itertuples():
+        assert row.ood_manifest_sha256 == manifest_digest(row.ood_dataset)
+    text = wide_markdown(table, BENCH, BENCHMARKS)
+    assert f"- {ID_SET}: `{manifest_digest(ID_SET)[:16]}`" in text
+    assert f"- svhn: `{manifest_digest('svhn')[:16]}`" in text

@@ -128,6 +128,14 @@ def test_provenance_chain(run):
         workdir / "resources/data/textures/manifest.csv"
     )
     assert len(dump) == len(read_manifest(workdir / "resources/data/textures"))
+    table = pd.read_csv(workdir / "results/tables/all.csv")
+    manifest = {
+        name: sha256_file(workdir / "resources/data" / name / "manifest.csv")
+        for name in ("digits_012", *OOD)
+    }
+    assert set(table.id_manifest_sha256) == {manifest["digits_012"]}
+    for row in table.itertuples():
+        assert row.ood_manifest_sha256 == manifest[row.ood_dataset]
 
 
 def test_training_log_and_rule_logs(run):
