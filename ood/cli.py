@@ -37,7 +37,28 @@ def _dataset_dir(manifest: str) -> Path:
 def cmd_curate(args: argparse.Namespace) -> None:
     from ood.data.curate import curate
 
-    curate(args.name, args.spec, args.out)
+    inputs = {role: Path(path) for role, path in args.inputs.items()}
+    curate(args.name, args.spec, args.out, inputs=inputs)
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from ood.data.download import fetch
+
+    fetch(args.name, args.spec, Path(args.out), Path(args.cache))
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from ood.data.dedup import audit
+
+    result = audit(
+        _dataset_dir(args.id_manifest),
+        _dataset_dir(args.ood_manifest),
+        Path(args.out),
+        threshold=args.threshold,
+        size=args.size,
+        drop=args.drop,
+    )
+    log.info("%s: %d of %d flagged", args.out, result.n_flagged, result.n_ood)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -121,7 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spec", required=True, type=_json_arg, help='JSON: {"source": ..., "params": {...}}'
     )
+    p.add_argument(
+        "--inputs", type=_json_arg, default={}, help='JSON: {"<role>": "<download dir>"}'
+    )
     p.add_argument("--out", required=True, help="dataset directory to create")
+
+    p = add("fetch", cmd_fetch, "download (or take from disk), verify and unpack one source")
+    p.add_argument("--name", required=True, help="download name (for messages)")
+    p.add_argument(
+        "--spec", required=True, type=_json_arg, help='JSON: {"url"|"path", "sha256", "format"}'
+    )
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--cache", required=True, help="where verified downloads are kept")
+
+    p = add("audit", cmd_audit, "near-duplicate audit of an OOD set against the ID train set")
+    p.add_argument("--id-manifest", required=True, help="manifest.csv of the ID dataset")
+    p.add_argument("--ood-manifest", required=True, help="manifest.csv of the OOD dataset")
+    p.add_argument("--out", required=True, help="report directory to create")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity to flag")
+    p.add_argument("--size", type=int, default=16, help="side of the grayscale embedding")
+    p.add_argument("--drop", action="store_true", help="also write a de-duplicated copy")
 
     p = add("train", cmd_train, "train one method on a dataset's train split")
     p.add_argument("--manifest", required=True, help="manifest.csv of the ID dataset")

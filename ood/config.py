@@ -51,12 +51,18 @@ def check_config(config: dict) -> None:
     from ood.train import METHODS
 
     datasets = config["datasets"]
+    downloads = config.get("downloads", {})
     for name, spec in datasets.items():
         if spec["source"] not in SOURCES:
             raise ConfigError(
                 f"datasets.{name}.source: unknown source {spec['source']!r}; "
                 f"known: {', '.join(sorted(SOURCES))}"
             )
+        for role, download in spec.get("inputs", {}).items():
+            if download not in downloads:
+                raise ConfigError(
+                    f"datasets.{name}.inputs.{role}: {download!r} is not in downloads"
+                )
     for bench_name, bench in config["benchmarks"].items():
         where = f"benchmarks.{bench_name}"
         if bench["id_dataset"] not in datasets:
@@ -71,6 +77,9 @@ def check_config(config: dict) -> None:
                 seen[name] = f"ood.{group}"
         if not any(bench["ood"].values()):
             raise ConfigError(f"{where}.ood: names no OOD dataset")
+        for name in bench.get("audit", {}).get("drop", []):
+            if name not in seen or name == bench["id_dataset"]:
+                raise ConfigError(f"{where}.audit.drop: {name!r} is not an OOD set of {bench_name}")
         if bench["backbone"] not in BACKBONES:
             raise ConfigError(
                 f"{where}.backbone: unknown backbone {bench['backbone']!r}; "

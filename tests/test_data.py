@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from ood.data.curate import curate, summarize
-from ood.data.demo import DEFAULTS, SOURCES, gaussian_noise, resolve_params, sklearn_digits
+from ood.data.demo import (
+    DEFAULTS,
+    INPUTS,
+    SOURCES,
+    gaussian_noise,
+    resolve_params,
+    sklearn_digits,
+)
 from ood.data.manifest import (
     DatasetError,
     load_images,
@@ -51,7 +58,7 @@ def test_digits_split_is_stratified_and_relabelled(id_dir):
 
 def test_relabel_follows_class_order():
     params = {"classes": [9, 6], "max_per_class": 3, "train_fraction": 0.0}
-    records = list(sklearn_digits(params))
+    records = list(sklearn_digits(params, {}))
     assert Counter(label for _, label, _ in records) == {0: 3, 1: 3}
     assert {split for split, _, _ in records} == {"test"}
     # label 0 is digit 9: compare with a record built from digits [9] alone.
@@ -134,8 +141,43 @@ def test_noise_statistics():
 
 
 def test_default_sources_are_complete():
-    assert set(SOURCES) == set(DEFAULTS)
+    assert set(SOURCES) == set(DEFAULTS) == set(INPUTS)
     assert resolve_params("gaussian_noise", {"n": 3})["std"] == 0.25
+    assert INPUTS["sklearn_digits"] == () and INPUTS["cifar"] == ("archive",)
+
+
+def test_demo_sources_take_no_inputs(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"gaussian_noise: a demo source takes no inputs, got root"
+    ):
+        gaussian_noise({"n": 2}, {"root": tmp_path})
+    with pytest.raises(ValueError, match=r"dataset 'noise': source 'gaussian_noise' takes input "):
+        curate("noise", {"source": "gaussian_noise"}, tmp_path / "noise", inputs={"a": tmp_path})
+    assert len(list(gaussian_noise({"n": 2}, {}))) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("stated", "warning"),
+    [
+        (None, None),
+        (4, None),
+        (5, "WARNING: 4 images, the papers state 5"),
+        ({"test": 4}, None),
+        ({"test": 4, "train": 2}, "WARNING: train has 0 images, the papers state 2"),
+    ],
+)
+def test_stated_size_mismatch_warns(tmp_path, capsys, stated, warning):
+    spec = {"source": "gaussian_noise", "params": {"n": 4}}
+    if stated is not None:
+        spec["stated_size"] = stated
+    curate("noise", spec, tmp_path / "noise")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("curated noise: 4 images: test 4 (1 label)")
+    if warning is None:
+        assert "WARNING" not in line
+    else:
+        assert line.endswith(warning)
 
 
 @pytest.mark.parametrize(
@@ -148,6 +190,10 @@ def test_default_sources_are_complete():
         ({"source": "sklearn_digits", "params": {"classes": [1], "max_per_class": 1.5}}, "max_per"),
         ({"source": "sample_photos", "params": {"per_image": -2}}, "per_image"),
         ({"source": "skimage_textures", "params": {"names": ["brik"]}}, r"'brik'.*brick, grass"),
+        ({"source": "gaussian_noise", "size": 3}, r"'bad': unknown spec key\(s\) size; allowed"),
+        ({"source": "gaussian_noise", "stated_size": 0}, r"'bad': stated_size must be a positive"),
+        ({"source": "gaussian_noise", "stated_size": True}, r"stated_size must be"),
+        ({"source": "gaussian_noise", "stated_size": {"val": 3}}, r"stated_size must be"),
     ],
 )
 def test_bad_spec_leaves_nothing(tmp_path, spec, match):
@@ -200,7 +246,7 @@ def test_failure_midway_keeps_old_dataset(tmp_path):
     before = (out / "manifest.csv").read_bytes()
 
     def records():
-        yield from gaussian_noise({"n": 2})
+        yield from gaussian_noise({"n": 2}, {})
         raise KeyboardInterrupt  # the worst case: Ctrl-C mid-write
 
     with pytest.raises(KeyboardInterrupt):

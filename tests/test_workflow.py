@@ -187,3 +187,29 @@ def test_demo_meets_its_targets(tmp_path):
     assert table.id_acc.min() >= 0.9
     knn_noise = table[(table.scorer == "knn") & (table.ood_dataset == "noise")]
     assert knn_noise.auroc.item() >= 0.95
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar10", "cifar100", "cifar10_lt", "cifar100_lt", "imagenet", "imagenet_lt"]
+)
+def test_real_benchmark_configs_plan(tmp_path, name):
+    """`snakemake -n --configfile config/<name>.yaml` plans every stage; counts from the config."""
+    workdir = copy_workflow(tmp_path)
+    result = snakemake(
+        workdir, "results/tables/all.csv", "-n", "--configfile", f"config/{name}.yaml"
+    )
+    config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+    (bench,) = config["benchmarks"].values()
+    ood = [d for group in bench["ood"].values() for d in group]
+    used = [bench["id_dataset"], *ood]
+    downloads = {d for ds in used for d in config["datasets"][ds].get("inputs", {}).values()}
+    models = len(bench["seeds"]) * len(bench["methods"])
+    assert planned_jobs(result.stdout) == {
+        "fetch": len(downloads),
+        "curate_dataset": len(used),
+        "audit": len(ood),
+        "train": models,
+        "features": models * (2 + len(ood)),
+        "score": models * len(bench["scorers"]) * (1 + len(ood)),
+        "tables": 1,
+    }

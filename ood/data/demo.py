@@ -1,29 +1,40 @@
-"""Offline image sources for the embedded demo benchmark.
+"""Offline image sources for the embedded demo benchmark, and the source registry.
 
-Every source uses only data that installed packages ship (scikit-learn's
+Every demo source uses only data that installed packages ship (scikit-learn's
 digits and sample images, scikit-image's bundled textures and photos), so
-the demo runs without network access. A source is a function
-`(params) -> iterator of (split, label, HxWx3 uint8 array)`; it resolves its
-parameters against `DEFAULTS` and validates them before yielding anything.
+the demo runs without network access.
+
+A source is a function `(params, inputs) -> iterator of (split, label, image)`
+where `image` is an HxWx3 uint8 array or the `Path` of an encoded image file,
+and `inputs` maps input roles to directories the download stage produced.
+It resolves its parameters against `DEFAULTS`, and validates them and its
+inputs before yielding anything. Demo sources take no inputs.
+
+`SOURCES`, `DEFAULTS` and `INPUTS` (the input roles of each source) are the
+one registry: the demo sources here and the real-dataset readers of
+`ood.data.real`, merged at the end of this module.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-Record = tuple[str, int, np.ndarray]
-Source = Callable[[dict[str, Any]], Iterator[Record]]
+from ood.data import real
+
+Record = real.Record  # (split, label, HxWx3 uint8 array or Path of an image file)
+Inputs = real.Inputs  # input role -> directory
+Source = Callable[[dict[str, Any], Inputs | None], Iterator[Record]]
 
 TEXTURES = ("brick", "grass", "gravel")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower")
 
-DEFAULTS: dict[str, dict[str, Any]] = {
+_DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "sklearn_digits": {
         "classes": None,  # required
         "image_size": 32,
@@ -63,6 +74,12 @@ def resolve_params(source: str, params: dict[str, Any] | None = None) -> dict[st
     return copy.deepcopy({**DEFAULTS[source], **params})  # callers may mutate lists
 
 
+def _no_inputs(source: str, inputs: Mapping[str, Any] | None) -> None:
+    if inputs:
+        roles = ", ".join(map(str, inputs))
+        raise ValueError(f"{source}: a demo source takes no inputs, got {roles}")
+
+
 def _int(source: str, key: str, value: Any, minimum: int = 1) -> int:
     # bool is an Integral too, but `n: true` in YAML is a mistake, not 1.
     if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
@@ -98,13 +115,14 @@ def _resize_rgb(gray_or_rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def sklearn_digits(params: dict[str, Any]) -> Iterator[Record]:
+def sklearn_digits(params: dict[str, Any], inputs: Inputs | None = None) -> Iterator[Record]:
     """Digits `classes` relabelled 0..K-1 in that order, split stratified by `seed`."""
+    src = "sklearn_digits"
+    _no_inputs(src, inputs)
+    p = resolve_params(src, params)
     from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
     from sklearn.model_selection import train_test_split
 
-    src = "sklearn_digits"
-    p = resolve_params(src, params)
     classes = p["classes"]
     if (
         isinstance(classes, str)
@@ -186,22 +204,25 @@ def _sklearn_sample(filename: str) -> Callable[[], np.ndarray]:
     return load
 
 
-def skimage_textures(params: dict[str, Any]) -> Iterator[Record]:
+def skimage_textures(params: dict[str, Any], inputs: Inputs | None = None) -> Iterator[Record]:
     """Random crops of scikit-image's grayscale textures (far-OOD)."""
+    _no_inputs("skimage_textures", inputs)
     images = {name: _skimage(name) for name in TEXTURES}
     return _random_crops("skimage_textures", images, resolve_params("skimage_textures", params))
 
 
-def sample_photos(params: dict[str, Any]) -> Iterator[Record]:
+def sample_photos(params: dict[str, Any], inputs: Inputs | None = None) -> Iterator[Record]:
     """Random crops of natural photos from scikit-image and scikit-learn (far-OOD)."""
+    _no_inputs("sample_photos", inputs)
     images = {name: _skimage(name) for name in PHOTOS[:4]}
     images |= {"china": _sklearn_sample("china.jpg"), "flower": _sklearn_sample("flower.jpg")}
     return _random_crops("sample_photos", images, resolve_params("sample_photos", params))
 
 
-def gaussian_noise(params: dict[str, Any]) -> Iterator[Record]:
+def gaussian_noise(params: dict[str, Any], inputs: Inputs | None = None) -> Iterator[Record]:
     """I.i.d. N(mean, std) per pixel and channel, clipped to [0, 1] (far-OOD)."""
     src = "gaussian_noise"
+    _no_inputs(src, inputs)
     p = resolve_params(src, params)
     n, size = _int(src, "n", p["n"]), _int(src, "image_size", p["image_size"])
     seed = _int(src, "seed", p["seed"], minimum=0)
@@ -217,12 +238,21 @@ def gaussian_noise(params: dict[str, Any]) -> Iterator[Record]:
     return generate()
 
 
-SOURCES: dict[str, Source] = {
+_DEMO_SOURCES: dict[str, Source] = {
     "sklearn_digits": sklearn_digits,
     "skimage_textures": skimage_textures,
     "sample_photos": sample_photos,
     "gaussian_noise": gaussian_noise,
 }
+
+# The registry, merged here and nowhere else.
+if set(_DEMO_SOURCES) & set(real.SOURCES):
+    raise RuntimeError(f"sources defined twice: {set(_DEMO_SOURCES) & set(real.SOURCES)}")
+SOURCES: dict[str, Source] = {**_DEMO_SOURCES, **real.SOURCES}
+DEFAULTS: dict[str, dict[str, Any]] = {**_DEMO_DEFAULTS, **real.DEFAULTS}
+INPUTS: dict[str, tuple[str, ...]] = {**dict.fromkeys(_DEMO_SOURCES, ()), **real.INPUTS}
+if not set(SOURCES) == set(DEFAULTS) == set(INPUTS):
+    raise RuntimeError("SOURCES, DEFAULTS and INPUTS name different sources")
 
 
 def get_source(name: str) -> Source:

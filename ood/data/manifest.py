@@ -1,7 +1,8 @@
-"""The curated-dataset contract: PNG files plus `manifest.csv`.
+"""The curated-dataset contract: image files (PNG, or kept as released) plus `manifest.csv`.
 
 A dataset directory holds image files (any relative layout; `write_dataset`
-uses `images/<split>/<label>/<NNNNN>.png`) and `manifest.csv` with header
+uses `images/<split>/<label>/<NNNNN>.<ext>`: decoded images become PNG, image
+files are kept byte for byte with their extension) and `manifest.csv` with header
 `index,path,label,split,sha256`: `index` is the row position (0..N-1) and is
 what feature dumps refer to, `path` is relative with forward slashes, and
 `sha256` is that of the file bytes. The manifest is written last, so its
@@ -33,7 +34,10 @@ MANIFEST_NAME = "manifest.csv"
 COLUMNS = ("index", "path", "label", "split", "sha256")
 SPLITS = ("train", "test")
 PNG_COMPRESS_LEVEL = 6  # fixed so the same pixels always give the same bytes
+# Encoded files a record may name (PIL's format names; MPO is a multi-picture JPEG).
+FILE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,10}")
 
 
 class DatasetError(ValueError):
@@ -72,14 +76,42 @@ def _write_text(path: Path, text: str) -> None:
     path.chmod(0o666 & ~umask)
 
 
+def _place_file(source: Path, dest: Path) -> str:
+    """Hard-link (or else copy) an encoded image file to `dest`; return its sha256.
+
+    Only the header is read to check the format: decoding every file of a
+    large set (ImageNet) would cost more than the whole curation.
+    """
+    try:
+        with Image.open(source) as image:
+            kind = image.format
+    except FileNotFoundError:
+        raise DatasetError(f"{source}: image file not found") from None
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{source}: not a readable image ({exc})") from None
+    if kind not in FILE_FORMATS:
+        raise DatasetError(f"{source}: format {kind} not in {', '.join(sorted(FILE_FORMATS))}")
+    try:
+        os.link(source, dest)
+    except OSError:  # another file system, or links not allowed: copy the bytes
+        shutil.copyfile(source, dest)
+    with open(dest, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
-    records: Iterable[tuple[str, int, Image.Image | np.ndarray]],
+    records: Iterable[tuple[str, int, Image.Image | np.ndarray | os.PathLike]],
     overwrite: bool = True,
     *,
     info: str | None = None,
 ) -> Path:
     """Write `(split, label, image)` records as a curated dataset; return the manifest path.
+
+    `image` is an HxWx3 uint8 array or PIL image (written as PNG), or the
+    path of an encoded image file (JPEG, PNG, ...: see `FILE_FORMATS`), which
+    is hard-linked or copied byte for byte and keeps its extension. Images
+    may differ in size (`load_images` needs one size; other readers may not).
 
     Everything is built in a hidden sibling `.<name>.partial-*` directory and
     renamed onto `out_dir` only when complete, so an error or Ctrl-C leaves
@@ -105,11 +137,22 @@ def write_dataset(
             if split not in SPLITS:
                 raise DatasetError(f"record {len(rows)}: split {split!r} not in {SPLITS}")
             label = operator.index(label)
-            data = _png_bytes(_to_rgb(image))
-            rel = f"images/{split}/{label}/{len(rows):05d}.png"
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-            rows.append(ManifestRow(len(rows), rel, label, split, hashlib.sha256(data).hexdigest()))
+            stem = f"images/{split}/{label}/{len(rows):05d}"
+            (tmp / stem).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(image, str | os.PathLike):
+                source = Path(image)
+                if not _EXTENSION.fullmatch(source.suffix):
+                    raise DatasetError(
+                        f"record {len(rows)}: {source}: needs a plain file extension like .jpg"
+                    )
+                rel = stem + source.suffix
+                digest = _place_file(source, tmp / rel)
+            else:
+                data = _png_bytes(_to_rgb(image))
+                rel = stem + ".png"
+                (tmp / rel).write_bytes(data)
+                digest = hashlib.sha256(data).hexdigest()
+            rows.append(ManifestRow(len(rows), rel, label, split, digest))
         if not rows:
             raise DatasetError(f"{out_dir}: no images to write")
         if info is not None:

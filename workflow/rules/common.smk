@@ -26,6 +26,52 @@ def manifest(dataset):
     return f"resources/data/{dataset}/manifest.csv"
 
 
+def download_dir(download):
+    return f"resources/downloads/{download}"
+
+
+def curate_inputs(w):
+    roles = config["datasets"][w.dataset].get("inputs", {})
+    return {role: download_dir(name) for role, name in roles.items()}
+
+
+def source_dirs(w):
+    """Role -> folder a source reads: a `format: dir` download is a link inside its dir."""
+    return {
+        role: source_dir(name)
+        for role, name in config["datasets"][w.dataset].get("inputs", {}).items()
+    }
+
+
+def source_dir(download):
+    from ood.data.download import check_spec
+
+    spec = check_spec(download, config["downloads"][download])
+    if spec["format"] == "dir":
+        return f"{download_dir(download)}/{spec['filename']}"
+    return download_dir(download)
+
+
+def curation_spec(dataset):
+    """What `ood curate` needs: the inputs travel as paths in their own argument."""
+    return {k: v for k, v in config["datasets"][dataset].items() if k != "inputs"}
+
+
+def audit_dir(benchmark, dataset):
+    return f"results/audit/{benchmark}/{dataset}"
+
+
+def deduplicated(benchmark, dataset):
+    return dataset in BENCHMARKS[benchmark]["audit"]["drop"]
+
+
+def dataset_manifest(benchmark, dataset):
+    """The manifest a benchmark reads: the audited, de-duplicated copy where asked."""
+    if deduplicated(benchmark, dataset):
+        return f"{audit_dir(benchmark, dataset)}/dedup/manifest.csv"
+    return manifest(dataset)
+
+
 def ood_datasets(bench):
     return [name for names in bench["ood"].values() for name in names]
 
@@ -64,7 +110,12 @@ def feature_inputs(w):
     bench = BENCHMARKS[w.benchmark]
     if w.split == "train" and w.dataset != bench["id_dataset"]:
         raise ValueError(f"only the ID dataset has a train split, not {w.dataset!r}")
-    return {"model": f"{model_dir(w)}/model.pt", "manifest": manifest(w.dataset)}
+    data = (
+        audit_dir(w.benchmark, w.dataset)
+        if deduplicated(w.benchmark, w.dataset)
+        else manifest(w.dataset)
+    )
+    return {"model": f"{model_dir(w)}/model.pt", "data": data}
 
 
 def models(bench_name):
@@ -79,6 +130,14 @@ def all_score_files():
         for m, s in models(b)
         for scorer in bench["scorers"]
         for dataset in [bench["id_dataset"], *ood_datasets(bench)]
+    ]
+
+
+def all_audits():
+    return [
+        audit_dir(b, dataset)
+        for b, bench in BENCHMARKS.items()
+        for dataset in ood_datasets(bench)
     ]
 
 

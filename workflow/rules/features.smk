@@ -15,6 +15,7 @@ rule features:
         runtime=120,
     params:
         role=lambda w: role(w.benchmark, w.dataset),
+        manifest=lambda w: dataset_manifest(w.benchmark, w.dataset),
         batch_size=lambda w: BENCHMARKS[w.benchmark]
         .get("features", {})
         .get("batch_size", 256),
@@ -28,7 +29,7 @@ rule features:
         ),
         device=config["device"],
     shell:
-        "ood features --checkpoint {input.model} --manifest {input.manifest}"
+        "ood features --checkpoint {input.model} --manifest {params.manifest}"
         " --split {wildcards.split} --role {params.role} --out {output}"
         " --batch-size {params.batch_size} --context {params.context:q}"
         " --device {params.device} --threads {threads} 2> {log}"

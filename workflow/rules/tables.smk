@@ -2,6 +2,7 @@ rule tables:
     input:
         features=all_id_test_features(),
         scores=all_score_files(),
+        audits=all_audits(),
     output:
         csv=report(
             "results/tables/all.csv",
