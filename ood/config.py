@@ -46,12 +46,18 @@ def validate_config(config: dict, schema_path: str) -> None:
 
 def check_config(config: dict) -> None:
     from ood.data.demo import SOURCES
+    from ood.data.download import check_spec
     from ood.models.specs import BACKBONES
     from ood.scores import get_scorer
     from ood.train import METHODS
 
     datasets = config["datasets"]
     downloads = config.get("downloads", {})
+    for name, spec in downloads.items():
+        try:
+            check_spec(name, spec)
+        except ValueError as exc:
+            raise ConfigError(f"downloads.{name}: {exc}") from None
     for name, spec in datasets.items():
         if spec["source"] not in SOURCES:
             raise ConfigError(

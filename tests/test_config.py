@@ -42,6 +42,18 @@ def bench(config: dict) -> dict:
         ),
         (lambda c: bench(c).update(seeds="0"), r"config benchmarks\.tiny\.seeds: '0' is not"),
         (lambda c: c.update(device="tpu"), r"config device: 'tpu' is not one of"),
+        (
+            lambda c: c.update(downloads={"svhn": {"url": "http://x/a.mat", "sha256": "a" * 64}}),
+            r"downloads\.svhn: download 'svhn': cannot infer the format of 'a\.mat'",
+        ),
+        (
+            lambda c: c.update(downloads={"svhn": {"url": "http://x/a.mat"}}),
+            r"config downloads\.svhn: .* is not valid under any of the given schemas",
+        ),
+        (
+            lambda c: c["datasets"]["noise"].update(inputs={"archive": "nowhere"}),
+            r"datasets\.noise\.inputs\.archive: 'nowhere' is not in downloads",
+        ),
         (lambda c: bench(c).pop("scorers"), r"config benchmarks\.tiny: 'scorers' is a required"),
         (
             lambda c: c["datasets"]["noise"].update(source="gaussian"),
