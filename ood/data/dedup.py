@@ -29,9 +29,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ from ood.data.manifest import (
     read_manifest,
     write_dataset,
 )
+from ood.io import atomic_dir
 
 PAIR_COLUMNS = ("ood_index", "ood_path", "id_index", "id_path", "similarity", "duplicate")
 REMOVED_COLUMNS = ("ood_index", "ood_path", "id_index", "id_path", "similarity")
@@ -427,11 +426,7 @@ def audit(
             "(audit without drop to see the report)"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    old: Path | None = None
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_csv(
             tmp / "pairs.csv",
             PAIR_COLUMNS,
@@ -466,21 +461,6 @@ def audit(
         (tmp / "report.md").write_text(report)
         if drop:
             _write_dedup(tmp, ood_dir, id_dir, ood_rows, duplicate, flagged, threshold, size)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except BaseException:
-            if old is not None:
-                old.rename(out_dir)
-                old = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return AuditResult(
         n_ood=len(ood_rows),
         n_id=len(id_rows),

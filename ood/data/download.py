@@ -33,9 +33,7 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import time
-import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -47,7 +45,7 @@ import pooch
 import requests
 import urllib3
 
-from ood.io import sha256_file
+from ood.io import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -455,11 +453,8 @@ def _progress(total: int | None, initial: int, label: str, progressbar: bool | N
 
 
 def _materialise(source: Path, entry: dict[str, Any], dest: Path, record: dict) -> None:
-    """Fill a hidden sibling of `dest` and rename it onto `dest`; on error remove it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; outputs are shared on clusters
+    """Fill a hidden sibling of `dest` and swap it in (see ood.io.atomic_dir)."""
+    with atomic_dir(dest) as tmp:
         fmt = entry["format"]
         if fmt == "file":
             _link_or_copy(source, tmp / entry["filename"])
@@ -470,10 +465,6 @@ def _materialise(source: Path, entry: dict[str, Any], dest: Path, record: dict) 
         else:
             _extract_tar(source, tmp, fmt)
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -481,25 +472,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)  # same file system: no second copy of a large file
     except OSError:
         shutil.copyfile(source, target)
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` onto `dest`, moving an older `dest` aside first and deleting it after."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dest)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 def _check_member_name(name: str) -> None:

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ood.io import sha256_file, write_text_atomic
+from ood.io import atomic_dir, sha256_file, write_text_atomic
 
 MANIFEST_NAME = "manifest.csv"
 COLUMNS = ("index", "path", "label", "split", "sha256")
@@ -121,12 +120,7 @@ def write_dataset(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: dataset already exists (overwrite=False)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes it 0700) so the dataset gets the usual permissions.
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    old: Path | None = None
-    try:
+    with atomic_dir(out_dir) as tmp:
         rows: list[ManifestRow] = []
         total = len(records) if hasattr(records, "__len__") else None
         # `delay` keeps small datasets quiet; long curations show a bar in the log.
@@ -162,22 +156,6 @@ def write_dataset(
         writer.writerow(COLUMNS)
         writer.writerows(rows)
         _write_text(tmp / MANIFEST_NAME, text.getvalue())  # last: the commit marker
-        # Move the old dataset aside (not delete) so a failed rename can restore it.
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except BaseException:
-            if old is not None:
-                old.rename(out_dir)
-                old = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir / MANIFEST_NAME
 
 
