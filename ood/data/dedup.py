@@ -40,11 +40,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ood.data.manifest import (
-    SPLITS,
     DatasetError,
     ManifestRow,
     manifest_sha256,
-    read_manifest,
+    select_rows,
     write_dataset,
 )
 from ood.io import atomic_dir
@@ -80,15 +79,7 @@ def describe_embedding(size: int) -> str:
 
 
 def _select(dataset_dir: Path, split: str | None) -> list[ManifestRow]:
-    rows = read_manifest(dataset_dir)
-    if split is not None:
-        if split not in SPLITS:
-            raise DatasetError(f"{dataset_dir}: unknown split {split!r}; allowed: {SPLITS}")
-        rows = [row for row in rows if row.split == split]
-    if not rows:
-        what = f"split {split!r}" if split is not None else "any split"
-        raise DatasetError(f"{dataset_dir}: no images in {what}")
-    return rows
+    return select_rows(dataset_dir, split)
 
 
 def _file(dataset_dir: Path, row: ManifestRow) -> Path:

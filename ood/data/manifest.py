@@ -208,13 +208,8 @@ def manifest_sha256(dataset_dir: str | os.PathLike) -> str:
     return sha256_file(_manifest_path(dataset_dir))
 
 
-def load_images(
-    dataset_dir: str | os.PathLike, split: str | None = None, verify: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(images N x H x W x 3 uint8, labels int64, index int64)` in manifest order.
-
-    `split` restricts to one split; `verify` checks every file's sha256.
-    """
+def select_rows(dataset_dir: str | os.PathLike, split: str | None = None) -> list[ManifestRow]:
+    """The manifest rows of one split (all if None); an error if there are none."""
     dataset_dir = Path(dataset_dir)
     rows = read_manifest(dataset_dir)
     if split is not None:
@@ -224,6 +219,18 @@ def load_images(
     if not rows:
         what = f"split {split!r}" if split is not None else "any split"
         raise DatasetError(f"{dataset_dir}: no images in {what}")
+    return rows
+
+
+def load_images(
+    dataset_dir: str | os.PathLike, split: str | None = None, verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(images N x H x W x 3 uint8, labels int64, index int64)` in manifest order.
+
+    `split` restricts to one split; `verify` checks every file's sha256.
+    """
+    dataset_dir = Path(dataset_dir)
+    rows = select_rows(dataset_dir, split)
     images: np.ndarray | None = None
     for i, row in enumerate(rows):
         file = dataset_dir.joinpath(*row.path.split("/"))
