@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Rules call the `ood` entry point: put the venv first on PATH for Snakemake's jobs.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint report clean bench
+.PHONY: install demo test test-slurm lint report clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# A real one-node SLURM cluster (root; installs slurm-wlm and munge when missing):
+# runs the demo through profiles/slurm and compares all.csv with `make demo`'s.
+test-slurm: demo
+	bash tests/slurm/test_slurm.sh
+
 lint: $(STAMP)
-	$(BIN)/ruff check ood tests
-	$(BIN)/ruff format --check ood tests
+	$(BIN)/ruff check ood tests benchmarks
+	$(BIN)/ruff format --check ood tests benchmarks
 	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
@@ -34,6 +39,7 @@ report: $(STAMP)
 clean:
 	rm -rf results resources .snakemake
 
-# Scorer benchmarks (benchmarks/README.md): `make bench QUICK=1` for a smoke run.
+# Scorer and workflow-overhead benchmarks (benchmarks/README.md): `make bench QUICK=1` for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(if $(QUICK),--quick)
+	$(BIN)/python benchmarks/workflow_overhead.py $(if $(QUICK),--quick)

@@ -125,6 +125,13 @@ def cmd_tables(args: argparse.Namespace) -> None:
     log.info("wrote %s: %d rows", args.csv, len(table))
 
 
+def cmd_concat_tables(args: argparse.Namespace) -> None:
+    from ood.tables import concat_tables
+
+    table = concat_tables(args.tables, args.out)
+    log.info("wrote %s: %d rows from %d tables", args.out, len(table), len(args.tables))
+
+
 def cmd_scorers(args: argparse.Namespace) -> None:
     from ood.scores import describe, describe_markdown
 
@@ -218,11 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per gradient pass")
     add_compute(p)
 
-    p = add("tables", cmd_tables, "compute metrics and write all.csv + per-benchmark tables")
+    p = add(
+        "tables",
+        cmd_tables,
+        "compute metrics: a long CSV and a readable NAME.md per benchmark beside it",
+    )
     p.add_argument("--benchmarks", required=True, help='JSON: {name: {"id_dataset", "ood"}}')
-    p.add_argument("--csv", required=True, help="long table to write (all.csv)")
+    p.add_argument("--csv", required=True, help="long table to write (e.g. NAME.csv)")
     p.add_argument("--features", nargs="+", required=True, help="ID test feature dumps")
     p.add_argument("--scores", nargs="+", required=True, help="score dumps (ID and OOD)")
+
+    p = add("concat-tables", cmd_concat_tables, "join per-benchmark long tables into all.csv")
+    p.add_argument("tables", nargs="+", help="long tables written by `ood tables`")
+    p.add_argument("--out", required=True, help="table to write (all.csv)")
 
     p = add("scorers", cmd_scorers, "list the scorers, what they need and their parameters")
     p.epilog = (

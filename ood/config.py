@@ -70,6 +70,8 @@ def check_config(config: dict) -> None:
                 )
     for bench_name, bench in config["benchmarks"].items():
         where = f"benchmarks.{bench_name}"
+        if bench_name == "all":
+            raise ConfigError(f"{where}: 'all' is taken by results/tables/all.csv; rename it")
         if bench["id_dataset"] not in datasets:
             raise ConfigError(f"{where}.id_dataset: {bench['id_dataset']!r} is not in datasets")
         seen = {bench["id_dataset"]: "id_dataset"}

@@ -204,6 +204,35 @@ def write_tables(
     return table
 
 
+def concat_tables(csv_paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
+    """all.csv from per-benchmark tables, cells copied as written (no re-rounding)."""
+    tables = []
+    for path in csv_paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: file not found")
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if list(table.columns) != COLUMNS:
+            raise ValueError(f"{path}: columns {list(table.columns)} are not those of all.csv")
+        tables.append(table)
+    if not tables:
+        raise ValueError("no tables given: nothing to concatenate")
+    # Each table is sorted already; ordering whole tables by benchmark keeps the order
+    # build_long_table gives (seed stays numeric-sorted, which a string sort would break).
+    tables.sort(key=lambda t: t.benchmark.iloc[0] if len(t) else "")
+    table = pd.concat(tables, ignore_index=True)
+    keys = [*MODEL_KEYS, "variant", "ood_dataset"]
+    repeated = table[table.duplicated(keys, keep=False)]
+    if len(repeated):
+        row = repeated.iloc[0]
+        raise ValueError(
+            "the same row is in two tables: " + ", ".join(f"{k}={row[k]}" for k in keys)
+        )
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    write_text_atomic(out, buffer.getvalue())
+    return table
+
+
 def load_benchmarks(text: str) -> dict:
     benchmarks = json.loads(text)
     for name, bench in benchmarks.items():

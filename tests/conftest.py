@@ -70,3 +70,16 @@ def tiny_model(tiny_digits, tmp_path_factory) -> TinyModel:
         threads=1,
     )
     return TinyModel(tiny_digits, out / "model.pt", out / "train_log.csv", meta, settings)
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """The whole workflow on tests/fixtures/tiny.yaml, run once per session.
+
+    Tests only read it or dry-run against it (test_workflow, test_reruns).
+    """
+    from test_workflow import copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    result = snakemake(workdir, "results/tables/all.csv", "--configfile", "config/tiny.yaml")
+    return workdir, result

@@ -17,6 +17,7 @@ from ood.cli import main
 from ood.io import FeatureSet, ScoreSet, read_scores, write_features, write_scores
 from ood.scores import SCORERS
 from ood.scores.run import score_dump
+from ood.tables import COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ REQUIRED = {
     "features": ["--checkpoint", "--manifest", "--split", "--role", "--out"],
     "score": ["--scorer", "--test", "--out"],
     "tables": ["--benchmarks", "--csv", "--features", "--scores"],
+    "concat-tables": ["--out"],
     "scorers": [],
 }
 
@@ -292,4 +294,19 @@ def test_score_params_must_be_an_object(dumps, capsys, text):
         )
     assert exit_info.value.code == 2
     assert "argument --params: expected a JSON object" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_concat_tables_joins_and_reports_bad_input(tmp_path, capsys):
+    header = ",".join(COLUMNS)
+    row = ",".join("b1" if c == "benchmark" else "1" for c in COLUMNS)
+    one = tmp_path / "b1.csv"
+    one.write_text(f"{header}\n{row}\n")
+    out = tmp_path / "all.csv"
+    assert main(["concat-tables", str(one), "--out", str(out)]) == 0
+    assert out.read_text() == f"{header}\n{row}\n"
+    missing = tmp_path / "b2.csv"
+    out.unlink()
+    assert main(["concat-tables", str(one), str(missing), "--out", str(out)]) == 1
+    assert f"ood concat-tables: error: {missing}: file not found" in capsys.readouterr().err
     assert not out.exists()

@@ -54,6 +54,7 @@ REQUIRED = {
         "tqdm",
     },
     "tables": {"numpy", "pandas", "pyarrow", "scikit-learn"},
+    "concat-tables": {"numpy", "pandas", "pyarrow", "scikit-learn"},
 }
 # Runtime dependencies no rule env needs: Snakemake parses the workflow (and
 # validates the config through ood.config) in the environment it runs in.
@@ -141,7 +142,7 @@ def rules() -> dict[str, dict]:
             body = text[match.end() : end.start() if end else len(text)]
             conda = re.search(r"^    conda:\s*\n\s+\"([^\"]+)\"", body, flags=re.M)
             shell = re.search(r"^    shell:\s*\n((?:        .*\n?)+)", body, flags=re.M)
-            command = re.search(r"(?<![\w/.-])ood (\w+)", shell[1]) if shell else None
+            command = re.search(r"(?<![\w/.-])ood ([\w-]+)", shell[1]) if shell else None
             resources = re.search(r"^    resources:\s*\n((?:        .*\n?)+)", body, flags=re.M)
             found[match[1]] = {
                 "file": path,
@@ -343,7 +344,8 @@ def subcommand_modules() -> dict[str, set[str]]:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_"):
             inside = {n.module for n in ast.walk(node) if isinstance(n, ast.ImportFrom)}
             inside |= {a.name for n in ast.walk(node) if isinstance(n, ast.Import) for a in n.names}
-            found[node.name.removeprefix("cmd_")] = top_level | inside
+            # cmd_concat_tables runs `ood concat-tables`
+            found[node.name.removeprefix("cmd_").replace("_", "-")] = top_level | inside
     return found
 
 

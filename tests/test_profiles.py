@@ -101,7 +101,7 @@ def test_local_dry_run_asks_gpus_for_gpu_rules_only(tmp_path):
         assert gpu == expected_gpu(rule, output, model_variants), (rule, output, resources)
         if rule == "all":  # declares no resources: the profile's default-resources
             assert resources["mem_mb"] == "2000" and resources["runtime"] == "60", resources
-    assert {"train", "features", "score", "tables", "all"} <= seen
+    assert {"train", "features", "score", "benchmark_table", "tables", "all"} <= seen
 
 
 def test_local_dry_run_on_cpu_asks_no_gpu(tmp_path):

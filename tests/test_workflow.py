@@ -74,13 +74,6 @@ def copy_workflow(workdir: Path) -> Path:
     return workdir
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    result = snakemake(workdir, "results/tables/all.csv", "--configfile", "config/tiny.yaml")
-    return workdir, result
-
-
 def test_all_csv_has_one_row_per_scorer_and_ood_set(run):
     workdir, _ = run
     table = pd.read_csv(workdir / "results/tables/all.csv")
@@ -214,7 +207,11 @@ def test_changing_a_scorer_parameter_reruns_only_that_scorer(run, scorer, change
     result = snakemake(
         workdir, "results/tables/all.csv", "-n", "--configfile", "config/changed.yaml"
     )
-    assert planned_jobs(result.stdout) == {"score": 1 + len(OOD), "tables": 1}
+    assert planned_jobs(result.stdout) == {
+        "score": 1 + len(OOD),
+        "benchmark_table": 1,
+        "tables": 1,
+    }
     outputs = set(re.findall(r"^\s+output: (results/scores/\S+)$", result.stdout, flags=re.M))
     assert outputs == {
         f"results/scores/tiny/ce/seed0/{replanned}/{dataset}.parquet"
@@ -269,6 +266,7 @@ def test_real_benchmark_configs_plan(tmp_path, name):
         "train": models,
         "features": models * (2 + len(ood)),
         "score": len(bench["seeds"]) * scored * (1 + len(ood)),
+        "benchmark_table": 1,
         "tables": 1,
     }
 

@@ -61,11 +61,19 @@ class TrainSettings:
 
 
 def select_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cpu, or a CUDA device: with several visible, the first one no other job holds."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible")
-    return torch.device(requested)
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    from ood.gpus import claim_device
+
+    index = claim_device(count)
+    torch.cuda.set_device(index)  # for code that uses the current device
+    return torch.device("cuda", index)
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:

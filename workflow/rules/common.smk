@@ -185,11 +185,12 @@ def models(bench_name):
     return [(m, s) for m in bench["methods"] for s in bench["seeds"]]
 
 
-def all_score_files():
-    """Every (model, variant, dataset) score file, for the variants that apply to the method."""
+def score_files(b):
+    """Every (model, variant, dataset) score file of benchmark b, for the variants
+    that apply to the method."""
+    bench = BENCHMARKS[b]
     return [
         f"results/scores/{b}/{m}/seed{s}/{v}/{dataset}.parquet"
-        for b, bench in BENCHMARKS.items()
         for m, s in models(b)
         for v, (name, _) in VARIANTS[b].items()
         if applies(name, method_head(m))
@@ -197,26 +198,15 @@ def all_score_files():
     ]
 
 
-def all_audits():
-    return [
-        audit_dir(b, dataset)
-        for b, bench in BENCHMARKS.items()
-        for dataset in ood_datasets(bench)
-    ]
+def audits(b):
+    return [audit_dir(b, dataset) for dataset in ood_datasets(BENCHMARKS[b])]
 
 
-def all_id_test_features():
-    return [
-        feature_path(b, m, s, "test", bench["id_dataset"])
-        for b, bench in BENCHMARKS.items()
-        for m, s in models(b)
-    ]
+def id_test_features(b):
+    bench = BENCHMARKS[b]
+    return [feature_path(b, m, s, "test", bench["id_dataset"]) for m, s in models(b)]
 
 
-def benchmark_groups():
-    return to_json(
-        {
-            b: {"id_dataset": bench["id_dataset"], "ood": bench["ood"]}
-            for b, bench in BENCHMARKS.items()
-        }
-    )
+def benchmark_group(b):
+    bench = BENCHMARKS[b]
+    return to_json({b: {"id_dataset": bench["id_dataset"], "ood": bench["ood"]}})
