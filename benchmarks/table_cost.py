@@ -2,9 +2,9 @@
 
   ours  one forward pass per (model, dataset) into a Parquet feature dump
         (ood.features.extract), then every scorer reads the dumps
-        (ood.scores.run.score_dump, one call per scorer and test set, as the
-        workflow's score rule runs it; scorers needing the model run their
-        own gradient passes inside it)
+        (ood.scores.run.score_dumps, one call per scorer for all test sets,
+        fitted once, as the workflow's score rule runs it; scorers needing
+        the model run their own gradient passes inside it)
   peer  pytorch-ood 0.4.0 detectors used the way its documentation shows:
         each detector fits on a DataLoader of the ID train images and
         predicts batch by batch on the ID test and each OOD test loader,
@@ -304,35 +304,36 @@ class Ours:
             )
 
     def score(self, pair: Pair) -> dict[str, np.ndarray]:
-        """One score_dump call per test set, as the workflow's score rule runs them."""
+        """One score_dumps call for all test sets, as the workflow's score rule runs it."""
         from ood.scores import get_scorer
-        from ood.scores.run import score_dump
+        from ood.scores.run import score_dumps
 
         scorer = get_scorer(pair.ours)
         data_dirs = {key: data_dir for key, _, _, data_dir in self.sets}
-        out = {}
-        for key in self.tests:
-            kwargs: dict[str, Any] = {}
-            if set(scorer.needs) & {"head", "model"}:
-                kwargs.update(checkpoint=self.checkpoint, device="cpu")
-            if "model" in scorer.needs:
-                # The peer's batch (the `ood score` default for gradient passes is 64).
-                kwargs.update(
-                    test_data=data_dirs[key],
-                    train_data=data_dirs["train"],
-                    batch_size=BATCH_SIZE,
-                )
-            result = score_dump(
-                pair.ours,
-                dict(scorer.params),
+        kwargs: dict[str, Any] = {}
+        if set(scorer.needs) & {"head", "model"}:
+            kwargs.update(checkpoint=self.checkpoint, device="cpu")
+        if "model" in scorer.needs:
+            # The peer's batch (the `ood score` default for gradient passes is 64).
+            kwargs.update(train_data=data_dirs["train"], batch_size=BATCH_SIZE)
+        images = "model" in scorer.needs
+        tests = [
+            (
                 self.dumps[key],
                 self.work / "scores" / pair.ours / f"{key}.parquet",
-                train_path=self.dumps["train"] if scorer.fits else None,
-                threads=self.threads,
-                **kwargs,
+                data_dirs[key] if images else None,
             )
-            out[key] = result.score
-        return out
+            for key in self.tests
+        ]
+        results = score_dumps(
+            pair.ours,
+            dict(scorer.params),
+            tests,
+            train_path=self.dumps["train"] if scorer.fits else None,
+            threads=self.threads,
+            **kwargs,
+        )
+        return {key: result.score for key, result in zip(self.tests, results, strict=True)}
 
 
 class Peer:

@@ -98,23 +98,30 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from ood.scores.run import score_dump
+    from ood.scores.run import score_dumps
 
-    scores = score_dump(
+    if len(args.out) != len(args.test):
+        raise ValueError(f"--out names {len(args.out)} file(s) for {len(args.test)} --test dump(s)")
+    manifests = args.test_manifest or [None] * len(args.test)
+    if len(manifests) != len(args.test):
+        raise ValueError(
+            f"--test-manifest names {len(manifests)} file(s) for {len(args.test)} --test dump(s)"
+        )
+    data = [_dataset_dir(m) if m else None for m in manifests]
+    results = score_dumps(
         args.scorer,
         args.params,
-        args.test,
-        args.out,
+        list(zip(args.test, args.out, data, strict=True)),
         train_path=args.train,
         threads=args.threads,
         variant=args.variant,
         checkpoint=args.checkpoint,
-        test_data=_dataset_dir(args.test_manifest) if args.test_manifest else None,
         train_data=_dataset_dir(args.train_manifest) if args.train_manifest else None,
         device=args.device,
         batch_size=args.batch_size,
     )
-    log.info("wrote %s: %d scores", args.out, len(scores.score))
+    for out, scores in zip(args.out, results, strict=True):
+        log.info("wrote %s: %d scores", out, len(scores.score))
 
 
 def cmd_tables(args: argparse.Namespace) -> None:
@@ -206,18 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_compute(p)
 
-    p = add("score", cmd_score, "score one feature dump with one scorer")
+    p = add(
+        "score", cmd_score, "score feature dumps with one scorer, fitted once on the train dump"
+    )
     p.add_argument("--scorer", required=True, help="registry name (see `ood scorers`)")
     p.add_argument("--params", type=_json_arg, default={}, help="JSON scorer parameters")
-    p.add_argument("--test", required=True, help="feature dump to score")
+    p.add_argument("--test", required=True, nargs="+", help="feature dump(s) to score")
     p.add_argument("--train", default=None, help="ID train feature dump (scorers that fit)")
-    p.add_argument("--out", required=True, help="score dump to write")
+    p.add_argument("--out", required=True, nargs="+", help="score dump to write per --test")
     p.add_argument("--variant", default=None, help="variant id of a parameter grid (tables)")
     p.add_argument(
         "--checkpoint", default=None, help="model.pt (scorers needing the head or the model)"
     )
     p.add_argument(
-        "--test-manifest", default=None, help="manifest.csv of the scored dump (needs=model)"
+        "--test-manifest",
+        nargs="+",
+        default=None,
+        help="manifest.csv of each --test dump's dataset (needs=model)",
     )
     p.add_argument(
         "--train-manifest", default=None, help="manifest.csv of the ID dataset (needs=model)"

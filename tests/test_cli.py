@@ -110,6 +110,39 @@ def test_score_fitting_scorer(dumps):
     assert got.metadata["train_path"] == str(tmp_path / "train.parquet")
 
 
+def test_score_several_sets_fits_once(dumps, monkeypatch):
+    """One call scores the train dump's own rows and the test dump with one fit;
+    each output equals scoring that set alone."""
+    from ood.scores.distance import Mahalanobis
+
+    tmp_path, _, _ = dumps
+    fits = []
+    original = Mahalanobis._fit
+    monkeypatch.setattr(
+        Mahalanobis, "_fit", lambda self, train: fits.append(1) or original(self, train)
+    )
+    sets = [tmp_path / "test.parquet", tmp_path / "train.parquet"]
+    outs = [tmp_path / "s" / "a.parquet", tmp_path / "s" / "b.parquet"]
+    argv = ["score", "--scorer", "mahalanobis", "--train", str(tmp_path / "train.parquet")]
+    argv += ["--test", *map(str, sets), "--out", *map(str, outs)]
+    assert main(argv) == 0
+    assert len(fits) == 1
+    for test, out in zip(sets, outs, strict=True):
+        alone = score_dump("mahalanobis", {}, test, tmp_path / "alone.parquet", train_path=sets[1])
+        got = read_scores(out)
+        assert got.score.tobytes() == alone.score.tobytes()
+        assert got.metadata["test_path"] == str(test)
+
+
+def test_score_outputs_must_pair_with_tests(dumps, capsys):
+    tmp_path, _, _ = dumps
+    argv = ["score", "--scorer", "msp", "--test", str(tmp_path / "test.parquet")]
+    argv += [str(tmp_path / "train.parquet"), "--out", str(tmp_path / "one.parquet")]
+    assert main(argv) == 1
+    assert "ood score: error: --out names 1 file(s) for 2 --test dump(s)" in capsys.readouterr().err
+    assert not (tmp_path / "one.parquet").exists()
+
+
 def test_score_bad_params_json(dumps, capsys):
     tmp_path, _, _ = dumps
     out = tmp_path / "x.parquet"

@@ -67,8 +67,8 @@ def demo_model_variants() -> set[str]:
 def expected_gpu(rule: str, output: str, model_variants: set[str]) -> int:
     if rule in GPU_RULES:
         return 1
-    if rule == "score":  # results/scores/<benchmark>/<method>/seed<k>/<variant>/<dataset>.parquet
-        return int(Path(output).parts[-2] in model_variants)
+    if rule == "score":  # results/scores/<benchmark>/<method>/seed<k>/<variant>
+        return int(Path(output).name in model_variants)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Partial reruns, checked on the jobs Snakemake plans (dry runs), not exit codes.
 
 A two-benchmark, two-seed variant of tests/fixtures/tiny.yaml on an empty
-results folder: asking for one score file, one model or one benchmark's table
+results folder: asking for one score (a model's scorer variant: a folder
+with one file per scored set), one model or one benchmark's table
 plans exactly the jobs that target needs. On a finished run, `--forcerun` of
 one training job replans its downstream and nothing upstream.
 """
@@ -41,18 +42,25 @@ def dry_run(workdir, *args: str) -> tuple[dict[str, int], set[str]]:
     return planned_jobs(result.stdout), {p for line in outputs for p in line.split(", ")}
 
 
-def test_one_score_file_plans_its_chain_only(two_benchmarks):
-    target = "results/scores/tiny/ce/seed1/knn-k3/noise.parquet"
+def test_one_score_plans_its_chain_only(two_benchmarks):
+    """One scorer variant of one model: it scores every set of its benchmark."""
+    target = "results/scores/tiny/ce/seed1/knn-k3"
     counts, outputs = dry_run(two_benchmarks, target, "--configfile", "config/two.yaml")
-    # ID and scored data, the seed-1 model, its train dump (knn fits) and noise dump.
-    assert counts == {"curate_dataset": 2, "train": 1, "features": 2, "score": 1}
+    datasets = ["digits_012", *OOD]
+    # Every set's data and test dump, the seed-1 model and its train dump (knn fits).
+    # No audit: tiny drops no OOD set, so the dumps read the curated sets directly.
+    assert counts == {
+        "curate_dataset": len(datasets),
+        "train": 1,
+        "features": 1 + len(datasets),
+        "score": 1,
+    }
     assert outputs == {
-        "resources/data/digits_012/manifest.csv",
-        "resources/data/noise/manifest.csv",
+        *(f"resources/data/{d}/manifest.csv" for d in datasets),
         "results/models/tiny/ce/seed1/model.pt",
         "results/models/tiny/ce/seed1/train_log.csv",
         "results/features/tiny/ce/seed1/train/digits_012.parquet",
-        "results/features/tiny/ce/seed1/test/noise.parquet",
+        *(f"results/features/tiny/ce/seed1/test/{d}.parquet" for d in datasets),
         target,
     }
 
@@ -68,13 +76,13 @@ def test_one_benchmarks_table_plans_that_benchmark_only(two_benchmarks):
     counts, outputs = dry_run(
         two_benchmarks, "results/tables/small.csv", "--configfile", "config/two.yaml"
     )
-    # small: one model, ID + noise; msp and knn on the ID test set and on noise.
+    # small: one model, ID + noise; one job each for msp and knn.
     assert counts == {
         "curate_dataset": 2,
         "audit": 1,
         "train": 1,
         "features": 3,
-        "score": 4,
+        "score": 2,
         "benchmark_table": 1,
     }
     assert not [p for p in outputs if "/tiny/" in p], "planned work of benchmark tiny"
@@ -103,7 +111,7 @@ def test_forcerun_of_one_training_job_replans_its_downstream_only(run):
     assert counts == {
         "train": 1,
         "features": 2 + len(OOD),  # train + test split of the ID set, and each OOD set
-        "score": len(VARIANTS) * (1 + len(OOD)),
+        "score": len(VARIANTS),
         "benchmark_table": 1,
         "tables": 1,
     }
@@ -111,7 +119,7 @@ def test_forcerun_of_one_training_job_replans_its_downstream_only(run):
 
 def test_forcerun_of_one_score_replans_that_score_and_the_tables(run):
     workdir, _ = run
-    target = "results/scores/tiny/ce/seed0/energy/noise.parquet"
+    target = "results/scores/tiny/ce/seed0/energy"
     counts, outputs = dry_run(
         workdir, "results/tables/all.csv", "--forcerun", target, "--configfile", "config/tiny.yaml"
     )

@@ -207,16 +207,10 @@ def test_changing_a_scorer_parameter_reruns_only_that_scorer(run, scorer, change
     result = snakemake(
         workdir, "results/tables/all.csv", "-n", "--configfile", "config/changed.yaml"
     )
-    assert planned_jobs(result.stdout) == {
-        "score": 1 + len(OOD),
-        "benchmark_table": 1,
-        "tables": 1,
-    }
+    # One score job (all of the benchmark's sets), then the tables.
+    assert planned_jobs(result.stdout) == {"score": 1, "benchmark_table": 1, "tables": 1}
     outputs = set(re.findall(r"^\s+output: (results/scores/\S+)$", result.stdout, flags=re.M))
-    assert outputs == {
-        f"results/scores/tiny/ce/seed0/{replanned}/{dataset}.parquet"
-        for dataset in ("digits_012", *OOD)
-    }
+    assert outputs == {f"results/scores/tiny/ce/seed0/{replanned}"}
 
 
 def test_lint_is_clean(run):
@@ -265,20 +259,26 @@ def test_real_benchmark_configs_plan(tmp_path, name):
         "audit": len(ood),
         "train": models,
         "features": models * (2 + len(ood)),
-        "score": len(bench["seeds"]) * scored * (1 + len(ood)),
+        "score": len(bench["seeds"]) * scored,  # one job scores every set
         "benchmark_table": 1,
         "tables": 1,
     }
 
 
 def test_gradient_scorer_reads_only_the_images_it_needs(run):
-    """odin needs the model and the scored set's images, not the train images or dump."""
+    """odin needs the model and the scored sets' images, not the train images or dump;
+    one job scores every set of the benchmark, each into its own file."""
     workdir, _ = run
-    target = "results/scores/tiny/ce/seed0/odin/noise.parquet"
+    target = "results/scores/tiny/ce/seed0/odin"
     result = snakemake(
         workdir, target, "-n", "-p", "--forcerun", target, "--configfile", "config/tiny.yaml"
     )
     (command,) = re.findall(r"ood score .*", result.stdout + result.stderr)
+    datasets = ("digits_012", *sorted(OOD))  # ID, then OOD sets by name
     assert "--checkpoint results/models/tiny/ce/seed0/model.pt" in command
-    assert "--test-manifest resources/data/noise/manifest.csv" in command
+    manifests = " ".join(f"resources/data/{d}/manifest.csv" for d in datasets)
+    assert f"--test-manifest {manifests} " in command
+    dumps = " ".join(f"results/features/tiny/ce/seed0/test/{d}.parquet" for d in datasets)
+    outs = " ".join(f"{target}/{d}.parquet" for d in datasets)
+    assert f"--test {dumps} --out {outs} " in command
     assert "--train-manifest" not in command and "--train " not in command

@@ -1,4 +1,4 @@
-"""Score one feature dump with one scorer and write the score dump.
+"""Score feature dumps with one scorer (fitted once) and write the score dumps.
 
 Only what the scorer's `needs` names is read: dump-only scorers never touch
 the checkpoint; "head" reads the classifier's weights from it without
@@ -57,27 +57,29 @@ def images_for(dump: FeatureSet, dataset_dir: str | os.PathLike, where: str) -> 
     return images[rows]
 
 
-def score_dump(
+def score_dumps(
     scorer: str,
     params: dict[str, Any] | None,
-    test_path: str | os.PathLike,
-    out_path: str | os.PathLike,
+    tests: list[tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike | None]],
     train_path: str | os.PathLike | None = None,
     threads: int | None = None,
     *,
     variant: str | None = None,
     checkpoint: str | os.PathLike | None = None,
-    test_data: str | os.PathLike | None = None,
     train_data: str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 64,
-) -> ScoreSet:
-    """Fit `scorer` on the ID train dump (if it fits), score the test dump, write scores.
+) -> list[ScoreSet]:
+    """Fit `scorer` once on the ID train dump (if it fits), then score every test dump.
 
-    `checkpoint` serves scorers needing the head or the model; `test_data` and
-    `train_data` (dataset directories) give the images to scorers needing the model.
-    A train dump given to a scorer that does not fit is not read.
+    `tests` lists (test dump, score dump to write, dataset directory or None):
+    the directory gives the images to scorers needing the model. `checkpoint`
+    serves scorers needing the head or the model; `train_data` (a dataset
+    directory) gives the train images to scorers fitting on them. A train dump
+    given to a scorer that does not fit is not read.
     """
+    if not tests:
+        raise ValueError("no test dump given: nothing to score")
     model = get_scorer(scorer, params)
     needs = set(model.needs)
     metadata = {
@@ -99,8 +101,9 @@ def score_dump(
         if "model" in needs:
             from ood.scores.network import Network
 
-            if test_data is None:
-                raise ValueError(f"scorer {scorer!r} needs the images; give test_data")
+            lacking = [str(test) for test, _, data in tests if data is None]
+            if lacking:
+                raise ValueError(f"scorer {scorer!r} needs the images of {lacking[0]}")
             network = Network.from_checkpoint(
                 checkpoint, device=device, batch_size=batch_size, threads=threads
             )
@@ -119,17 +122,40 @@ def score_dump(
         metadata["train_path"] = str(train_path)
         metadata["train_sha256"] = sha256_file(train_path)
 
-    test = read_features(test_path, columns=columns, extra=extra)
-    test_images = images_for(test, test_data, str(test_path)) if network is not None else None
-    metadata["test_path"] = str(test_path)
-    metadata["test_sha256"] = sha256_file(test_path)
-    metadata.update({f"features.{key}": str(value) for key, value in test.metadata.items()})
+    results = []
+    for test_path, out_path, test_data in tests:
+        test = read_features(test_path, columns=columns, extra=extra)
+        images = images_for(test, test_data, str(test_path)) if network is not None else None
+        scores = ScoreSet(
+            index=test.index,
+            label=test.label,
+            score=model.score(test, extras=Extras(head, network, images)),
+            metadata={
+                **metadata,
+                "test_path": str(test_path),
+                "test_sha256": sha256_file(test_path),
+                **{f"features.{key}": str(value) for key, value in test.metadata.items()},
+            },
+        )
+        write_scores(out_path, scores)
+        results.append(scores)
+        del test, images
+    return results
 
-    scores = ScoreSet(
-        index=test.index,
-        label=test.label,
-        score=model.score(test, extras=Extras(head, network, test_images)),
-        metadata=metadata,
+
+def score_dump(
+    scorer: str,
+    params: dict[str, Any] | None,
+    test_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    train_path: str | os.PathLike | None = None,
+    threads: int | None = None,
+    *,
+    test_data: str | os.PathLike | None = None,
+    **options: Any,
+) -> ScoreSet:
+    """score_dumps for one test dump (`test_data`: its dataset directory, if needed)."""
+    (scores,) = score_dumps(
+        scorer, params, [(test_path, out_path, test_data)], train_path, threads, **options
     )
-    write_scores(out_path, scores)
     return scores

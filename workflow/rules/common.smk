@@ -1,5 +1,6 @@
 # Config validation and input functions. Kept cheap: every cluster job re-parses this.
 import json
+import shlex
 
 from ood.config import load_yaml, to_json, train_settings, validate_config
 from ood.scores import applies, scorer_class
@@ -114,17 +115,32 @@ def fits_on_train_images(w):
     return "model" in cls.needs and cls.fits and cls.fit_images
 
 
+def benchmark_datasets(benchmark):
+    """The sets a score job scores: the ID test set, then the OOD sets by name (an
+    order that reordering the config's groups does not change, so neither do the
+    job's params)."""
+    bench = BENCHMARKS[benchmark]
+    return [bench["id_dataset"], *sorted(ood_datasets(bench))]
+
+
+def score_dir(benchmark, method, seed, scorer):
+    return f"results/scores/{benchmark}/{method}/seed{seed}/{scorer}"
+
+
 def score_inputs(w):
     bench = BENCHMARKS[w.benchmark]
-    if w.dataset != bench["id_dataset"] and w.dataset not in ood_datasets(bench):
-        raise ValueError(f"{w.dataset!r} is not a dataset of benchmark {w.benchmark!r}")
     name, _ = variant(w)
     if not applies(name, method_head(w.method)):
         raise ValueError(
             f"scorer {name!r} does not apply to method {w.method!r} "
             f"({method_head(w.method)} head); see `ood scorers`"
         )
-    inputs = {"test": feature_path(w.benchmark, w.method, w.seed, "test", w.dataset)}
+    datasets = benchmark_datasets(w.benchmark)
+    inputs = {
+        "test": [
+            feature_path(w.benchmark, w.method, w.seed, "test", d) for d in datasets
+        ]
+    }
     if scorer_class(name).fits:
         inputs["train"] = feature_path(
             w.benchmark, w.method, w.seed, "train", bench["id_dataset"]
@@ -133,25 +149,46 @@ def score_inputs(w):
     if needs & {"head", "model"}:
         inputs["model"] = f"{model_dir(w)}/model.pt"
     if "model" in needs:
-        inputs["test_data"] = feature_inputs_data(w.benchmark, w.dataset)
+        inputs["test_data"] = [feature_inputs_data(w.benchmark, d) for d in datasets]
         if fits_on_train_images(w):
             inputs["train_data"] = feature_inputs_data(w.benchmark, bench["id_dataset"])
     return inputs
 
 
-def score_model_args(w, input):
-    """The checkpoint and manifests of scorers needing the head or the model."""
+def score_args(w):
+    """`ood score` arguments of one job: scorer, variant, parameters, the dumps to
+    score with one output each, the train dump of fitting scorers, and the
+    checkpoint and manifests of scorers needing the head or the model.
+
+    One function of the wildcards only: Snakemake inspects every callable of every
+    job (score jobs are most of the DAG), and a params function taking input or
+    output would be left out of the params rerun trigger.
+    """
+    name, params = variant(w)
+    datasets = benchmark_datasets(w.benchmark)
+    tests = [feature_path(w.benchmark, w.method, w.seed, "test", d) for d in datasets]
+    outs = [
+        f"{score_dir(w.benchmark, w.method, w.seed, w.scorer)}/{d}.parquet"
+        for d in datasets
+    ]
+    args = [
+        f"--scorer {name} --variant {w.scorer} --params {shlex.quote(to_json(params))}"
+    ]
+    args.append(f"--test {' '.join(tests)} --out {' '.join(outs)}")
+    id_dataset = BENCHMARKS[w.benchmark]["id_dataset"]
+    if scorer_class(name).fits:
+        args.append(
+            f"--train {feature_path(w.benchmark, w.method, w.seed, 'train', id_dataset)}"
+        )
     needs = scorer_needs(w)
-    args = []
     if needs & {"head", "model"}:
-        args.append(f"--checkpoint {input.model}")
+        args.append(f"--checkpoint {model_dir(w)}/model.pt")
     if "model" in needs:
-        bench = BENCHMARKS[w.benchmark]
-        args.append(f"--test-manifest {dataset_manifest(w.benchmark, w.dataset)}")
+        manifests = [dataset_manifest(w.benchmark, d) for d in datasets]
+        args.append(f"--test-manifest {' '.join(manifests)}")
         if fits_on_train_images(w):
-            args.append(
-                f"--train-manifest {dataset_manifest(w.benchmark, bench['id_dataset'])}"
-            )
+            args.append(f"--train-manifest {dataset_manifest(w.benchmark, id_dataset)}")
+    args.append(f"--device {config['device']}")
     return " ".join(args)
 
 
@@ -185,16 +222,23 @@ def models(bench_name):
     return [(m, s) for m in bench["methods"] for s in bench["seeds"]]
 
 
-def score_files(b):
-    """Every (model, variant, dataset) score file of benchmark b, for the variants
-    that apply to the method."""
-    bench = BENCHMARKS[b]
+def score_dirs(b):
+    """Every (model, variant) score folder of benchmark b, for the variants that
+    apply to the method."""
     return [
-        f"results/scores/{b}/{m}/seed{s}/{v}/{dataset}.parquet"
+        score_dir(b, m, s, v)
         for m, s in models(b)
         for v, (name, _) in VARIANTS[b].items()
         if applies(name, method_head(m))
-        for dataset in [bench["id_dataset"], *ood_datasets(bench)]
+    ]
+
+
+def score_files(b):
+    """The score dumps inside score_dirs(b): one per scored set."""
+    return [
+        f"{d}/{dataset}.parquet"
+        for d in score_dirs(b)
+        for dataset in benchmark_datasets(b)
     ]
 
 

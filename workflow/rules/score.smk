@@ -1,12 +1,14 @@
+# One job per (model, scorer variant): fitted once on the ID train dump, it
+# scores the ID test set and every OOD set of the benchmark into its folder.
 rule score:
     input:
         unpack(score_inputs),
     output:
-        "results/scores/{benchmark}/{method}/seed{seed}/{scorer}/{dataset}.parquet",
+        directory("results/scores/{benchmark}/{method}/seed{seed}/{scorer}"),
     log:
-        "results/logs/scores/{benchmark}/{method}/seed{seed}/{scorer}/{dataset}.log",
+        "results/logs/scores/{benchmark}/{method}/seed{seed}/{scorer}.log",
     benchmark:
-        "results/benchmarks/scores/{benchmark}/{method}/seed{seed}/{scorer}/{dataset}.tsv"
+        "results/benchmarks/scores/{benchmark}/{method}/seed{seed}/{scorer}.tsv"
     conda:
         "../../envs/score.yaml"
     threads: 1
@@ -16,15 +18,6 @@ rule score:
         # A GPU only for scorers that run the model (gradients, input perturbation).
         gpu=lambda w: int(config["device"] != "cpu" and "model" in scorer_needs(w)),
     params:
-        name=lambda w: variant(w)[0],
-        scorer_params=lambda w: to_json(variant(w)[1]),
-        train=lambda w, input: (
-            f"--train {input.train}" if "train" in input.keys() else ""
-        ),
-        model=score_model_args,
-        device=config["device"],
+        args=score_args,
     shell:
-        "ood score --scorer {params.name} --variant {wildcards.scorer}"
-        " --params {params.scorer_params:q} --test {input.test} {params.train}"
-        " {params.model} --device {params.device} --out {output}"
-        " --threads {threads} 2> {log}"
+        "ood score {params.args} --threads {threads} 2> {log}"

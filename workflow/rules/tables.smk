@@ -7,7 +7,7 @@ ruleorder: tables > benchmark_table
 rule benchmark_table:
     input:
         features=lambda w: id_test_features(w.benchmark),
-        scores=lambda w: score_files(w.benchmark),
+        scores=lambda w: score_dirs(w.benchmark),
         audits=lambda w: audits(w.benchmark),
     output:
         csv=report(
@@ -32,9 +32,10 @@ rule benchmark_table:
         runtime=30,
     params:
         benchmarks=lambda w: benchmark_group(w.benchmark),
+        scores=lambda w: score_files(w.benchmark),
     shell:
         "ood tables --benchmarks {params.benchmarks:q} --csv {output.csv}"
-        " --features {input.features} --scores {input.scores} 2> {log}"
+        " --features {input.features} --scores {params.scores} 2> {log}"
 
 
 rule tables:
