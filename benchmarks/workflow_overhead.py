@@ -36,6 +36,9 @@ TARGET_SECONDS = 10.0
 # Rules in dependency order: outputs of a later rule get a later mtime.
 RULE_ORDER = ["fetch", "curate_dataset", "audit", "train", "features", "score"]
 RULE_ORDER += ["benchmark_table", "tables"]
+# What methods that train on outliers (oe, ...) get in the full matrix: the real
+# configs' auxiliary set (defined in the long-tailed CIFAR configs).
+OUTLIER_SET = "tinyimages_300k"
 
 
 def real_configs() -> list[Path]:
@@ -57,8 +60,15 @@ def full_matrix(configs: list[Path], methods: list[str], seeds: list[int]) -> di
                 if name in merged[key] and merged[key][name] != spec:
                     raise ValueError(f"{path}: {key}.{name} differs from another config's")
                 merged[key][name] = spec
+    from ood.train import method_needs_outliers
+
+    if any(method_needs_outliers(m) for m in methods) and OUTLIER_SET not in merged["datasets"]:
+        raise ValueError(f"no config defines the outlier set {OUTLIER_SET!r}")
     for bench in merged["benchmarks"].values():
-        bench["methods"] = {m: bench["methods"].get(m, {}) for m in methods}
+        bench["methods"] = {m: dict(bench["methods"].get(m, {})) for m in methods}
+        for method, spec in bench["methods"].items():
+            if method_needs_outliers(method):
+                spec.setdefault("outliers", OUTLIER_SET)
         bench["seeds"] = seeds
     return merged
 

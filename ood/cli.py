@@ -75,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
         threads=args.threads,
         resume_dir=args.resume_dir,
+        outliers_dir=_dataset_dir(args.outliers) if args.outliers else None,
     )
     log.info("saved %s (train accuracy %s)", args.out, meta["final_train_accuracy"])
 
@@ -139,6 +140,12 @@ def cmd_concat_tables(args: argparse.Namespace) -> None:
     log.info("wrote %s: %d rows from %d tables", args.out, len(table), len(args.tables))
 
 
+def cmd_methods(args: argparse.Namespace) -> None:
+    from ood.train.methods import describe, describe_markdown
+
+    print(describe_markdown(), end="") if args.markdown else print("\n".join(describe()))
+
+
 def cmd_scorers(args: argparse.Namespace) -> None:
     from ood.scores import describe, describe_markdown
 
@@ -198,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint to write (model.pt)")
     p.add_argument("--log-csv", required=True, help="per-epoch loss/accuracy CSV to write")
     p.add_argument("--resume-dir", default=None, help="where epoch checkpoints are kept")
+    p.add_argument(
+        "--outliers", default=None, help="manifest.csv of the auxiliary outlier set (oe, ...)"
+    )
     add_compute(p)
 
     p = add("features", cmd_features, "dump logits and penultimate features to Parquet")
@@ -250,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("concat-tables", cmd_concat_tables, "join per-benchmark long tables into all.csv")
     p.add_argument("tables", nargs="+", help="long tables written by `ood tables`")
     p.add_argument("--out", required=True, help="table to write (all.csv)")
+
+    p = add("methods", cmd_methods, "list the training methods: objective, backbone, scorers")
+    p.epilog = "Set a method's parameters in the config: methods.<m>.train.method_params."
+    p.add_argument("--markdown", action="store_true", help="print the README's table")
 
     p = add("scorers", cmd_scorers, "list the scorers, what they need and their parameters")
     p.epilog = (

@@ -92,12 +92,34 @@ def check_config(config: dict) -> None:
                 f"{where}.backbone: unknown backbone {bench['backbone']!r}; "
                 f"known: {', '.join(sorted(BACKBONES))}"
             )
-        for method in bench["methods"]:
+        for method, spec in bench["methods"].items():
             if method not in METHODS:
                 raise ConfigError(
                     f"{where}.methods: unknown method {method!r}; known: {', '.join(METHODS)}"
                 )
+            check_outliers(f"{where}.methods.{method}", method, spec, seen, datasets)
         check_scorers(where, bench)
+
+
+def check_outliers(where: str, method: str, spec: dict, used: dict, datasets: dict) -> None:
+    """A method training on outliers names a dataset that no test role of the benchmark uses."""
+    from ood.train import method_needs_outliers
+
+    name = spec.get("outliers")
+    if not method_needs_outliers(method):
+        if name is not None:
+            raise ConfigError(f"{where}.outliers: method {method!r} trains on no outlier set")
+        return
+    if name is None:
+        raise ConfigError(
+            f"{where}.outliers: method {method!r} trains on an auxiliary outlier set; "
+            "name a dataset"
+        )
+    if name not in datasets:
+        raise ConfigError(f"{where}.outliers: {name!r} is not in datasets")
+    if name in used:
+        # Training on a test set would measure nothing.
+        raise ConfigError(f"{where}.outliers: {name!r} is the benchmark's {used[name]}")
 
 
 def check_scorers(where: str, bench: dict) -> None:

@@ -29,6 +29,7 @@ REQUIRED = {
     "tables": ["--benchmarks", "--csv", "--features", "--scores"],
     "concat-tables": ["--out"],
     "scorers": [],
+    "methods": [],
 }
 
 

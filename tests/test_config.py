@@ -112,6 +112,27 @@ def bench(config: dict) -> dict:
             r"benchmarks\.tiny\.scorers\.mos: applies to a group-softmax model \(method mos\); "
             r"this benchmark's methods are ce \(flat head\)",
         ),
+        (
+            lambda c: bench(c)["methods"].update(oe={}),
+            r"benchmarks\.tiny\.methods\.oe\.outliers: method 'oe' trains on an auxiliary "
+            r"outlier set; name a dataset",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(oe={"outliers": "nope"}),
+            r"benchmarks\.tiny\.methods\.oe\.outliers: 'nope' is not in datasets",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(oe={"outliers": "noise"}),
+            r"benchmarks\.tiny\.methods\.oe\.outliers: 'noise' is the benchmark's ood\.far",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(oe={"outliers": "digits_012"}),
+            r"methods\.oe\.outliers: 'digits_012' is the benchmark's id_dataset",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(ce={"outliers": "noise"}),
+            r"benchmarks\.tiny\.methods\.ce\.outliers: method 'ce' trains on no outlier set",
+        ),
     ],
 )
 def test_bad_config_names_the_key(mutate, message):

@@ -20,6 +20,7 @@ from ood.data.manifest import manifest_sha256, read_manifest
 from ood.models.backbones import build_model, features_and_logits
 from ood.train import get_objective
 from ood.train.loop import LOG_COLUMNS, TrainSettings, train
+from ood.train.objective import Batch
 
 BACKBONE = "resnet18_32_pool"
 # Augmentation on, so determinism and resume also cover the per-epoch crop/flip draws.
@@ -184,7 +185,7 @@ def test_ce_loss_equals_hand_computed_cross_entropy():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
     images = torch.randn(6, 3, 4, 4)
     labels = torch.tensor([0, 4, 2, 2, 1, 3])
-    loss, logits = get_objective("ce").loss(model, images, labels)
+    loss, logits = get_objective("ce").loss(model, Batch([images], labels))
 
     # Independent computation in float64 numpy: mean of -log softmax at the label.
     weight = model[1].weight.detach().double().numpy()
@@ -203,7 +204,9 @@ def test_ce_loss_equals_hand_computed_cross_entropy():
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown method 'nope'; known: .*\bce\b"):
         get_objective("nope")
-    with pytest.raises(ValueError, match="method 'ce' takes no parameters, got temperature"):
+    with pytest.raises(
+        ValueError, match="method 'ce': unknown parameter\\(s\\) temperature; known: none"
+    ):
         get_objective("ce", {"temperature": 2.0})
 
 

@@ -282,3 +282,27 @@ def test_gradient_scorer_reads_only_the_images_it_needs(run):
     outs = " ".join(f"{target}/{d}.parquet" for d in datasets)
     assert f"--test {dumps} --out {outs} " in command
     assert "--train-manifest" not in command and "--train " not in command
+
+
+def test_outlier_method_trains_on_its_outlier_set(tmp_path):
+    """oe's train job reads the configured outlier set (curated like any dataset); ce's not."""
+    workdir = copy_workflow(tmp_path)
+    config = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
+    config["datasets"]["aux"] = {"source": "gaussian_noise", "params": {"n": 8, "seed": 9}}
+    config["benchmarks"]["tiny"]["methods"]["oe"] = {"outliers": "aux"}
+    (workdir / "config/oe.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(
+        workdir,
+        "results/models/tiny/oe/seed0/model.pt",
+        "results/models/tiny/ce/seed0/model.pt",
+        "-n",
+        "-p",
+        "--configfile",
+        "config/oe.yaml",
+    )
+    assert planned_jobs(result.stdout) == {"curate_dataset": 2, "train": 2}
+    commands = re.findall(r"ood train .*", result.stdout + result.stderr)
+    (oe,) = [c for c in commands if "--method oe" in c]
+    (ce,) = [c for c in commands if "--method ce" in c]
+    assert "--outliers resources/data/aux/manifest.csv" in oe
+    assert "--outliers" not in ce

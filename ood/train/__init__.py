@@ -10,7 +10,11 @@ import importlib
 
 METHODS: dict[str, str] = {
     "ce": "ood.train.ce:CrossEntropy",
+    "supcon": "ood.train.supcon:SupCon",
+    "oe": "ood.train.oe:OutlierExposure",
 }
+# Methods that train on an auxiliary outlier set (config: methods.<m>.outliers).
+METHOD_OUTLIERS: set[str] = {"oe"}
 # The classifier head a method trains: "flat" (one softmax over the classes) or
 # "group" (MOS group softmax, each group with its "others" class). Decides
 # which scorers apply to the method's models (ood.scores.applies).
@@ -21,8 +25,16 @@ def method_head(method: str) -> str:
     return METHOD_HEADS.get(method, "flat")
 
 
-def get_objective(method: str, params: dict | None = None):
+def method_needs_outliers(method: str) -> bool:
+    return method in METHOD_OUTLIERS
+
+
+def objective_class(method: str):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
     module, cls = METHODS[method].split(":")
-    return getattr(importlib.import_module(module), cls)(**(params or {}))
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_objective(method: str, params: dict | None = None):
+    return objective_class(method)(**(params or {}))

@@ -6,18 +6,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ood.train.objective import Batch, Objective
 
-class CrossEntropy:
+
+class CrossEntropy(Objective):
     name = "ce"
     summary = "cross-entropy on the ID classes"
+    paper = "the baseline of every paper"
+    backbone = "any"
+    scorers = ("msp", "maxlogit", "energy", "odin", "mahalanobis", "knn", "vim", "react", "ash")
 
-    def __init__(self, **params) -> None:
-        if params:
-            raise ValueError(f"method 'ce' takes no parameters, got {', '.join(sorted(params))}")
-
-    def loss(
-        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (loss, logits) for one batch."""
-        logits = model(images)
-        return F.cross_entropy(logits, labels), logits
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(batch.views[0])
+        return F.cross_entropy(logits, batch.labels), logits

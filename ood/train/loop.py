@@ -30,6 +30,7 @@ from ood.io import atomic_path, write_text_atomic
 from ood.models.backbones import build_model, save_checkpoint
 from ood.models.specs import BACKBONES
 from ood.train import get_objective
+from ood.train.objective import Batch
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class TrainSettings:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     pretrained: str | None = None  # path to backbone weights on disk; None = random init
     method_params: dict = field(default_factory=dict)
+    outlier_batch_size: int | None = (
+        None  # outliers per step (methods using them); None = 2 x batch
+    )
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainSettings:
@@ -100,6 +104,28 @@ def augment(batch: torch.Tensor, settings: TrainSettings, gen: torch.Generator) 
     return batch
 
 
+def _outlier_inputs(objective, outliers_dir, size: int, settings: TrainSettings):
+    """The outlier images as model input, for methods that train on them; else None."""
+    if not objective.outliers:
+        if outliers_dir is not None:
+            raise ValueError(f"method {objective.name!r} takes no outlier set (got {outliers_dir})")
+        return None
+    if outliers_dir is None:
+        raise ValueError(
+            f"method {objective.name!r} trains on an auxiliary outlier set; give one "
+            "(config: methods.<method>.outliers)"
+        )
+    images, _, _ = load_images(outliers_dir, split=None)
+    if images is None or len(images) == 0:
+        raise ValueError(f"{outliers_dir}: the outlier set has no images")
+    if images.shape[1:3] != (size, size):
+        raise ValueError(
+            f"{outliers_dir}: outlier images are {images.shape[1]}x{images.shape[2]}, "
+            f"the backbone expects {size}x{size}"
+        )
+    return to_model_input(images, settings.mean, settings.std)
+
+
 def _settings_digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -124,9 +150,14 @@ def train(
     device: str = "auto",
     threads: int | None = None,
     resume_dir: str | os.PathLike | None = None,
+    outliers_dir: str | os.PathLike | None = None,
     stop_after_epoch: int | None = None,  # for tests: simulate a kill after this epoch
 ) -> dict:
-    """Train `method` on the train split of a curated dataset; returns the checkpoint meta."""
+    """Train `method` on the train split of a curated dataset; returns the checkpoint meta.
+
+    `outliers_dir`: a curated dataset whose images (all splits) are the
+    auxiliary outliers of methods that train on them (oe, ...).
+    """
     if threads:
         torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -148,10 +179,14 @@ def train(
     steps_per_epoch = (n + settings.batch_size - 1) // settings.batch_size
 
     objective = get_objective(method, settings.method_params)
+    outliers = _outlier_inputs(objective, outliers_dir, size, settings)
+    outlier_batch = settings.outlier_batch_size or 2 * settings.batch_size
     torch.manual_seed(seed)
     model = build_model(backbone, num_classes, settings.pretrained).to(dev)
+    extra = objective.setup(model, num_classes)
+    trained = nn.ModuleList([model] if extra is None else [model, extra.to(dev)])
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        trained.parameters(),
         lr=settings.lr,
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
@@ -169,6 +204,9 @@ def train(
         "dataset_manifest_sha256": manifest_sha256(dataset_dir),
         "n_train": n,
     }
+    if outliers is not None:
+        meta["outliers_manifest_sha256"] = manifest_sha256(outliers_dir)
+        meta["n_outliers"] = len(outliers)
     digest = _settings_digest(meta)
 
     rows: list[dict] = []
@@ -177,7 +215,7 @@ def train(
     if resume_file and resume_file.exists():
         state = torch.load(resume_file, map_location="cpu", weights_only=False)
         if state.get("digest") == digest:
-            model.load_state_dict(state["model"])
+            trained.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             rows, start_epoch = state["rows"], state["epoch"]
@@ -193,16 +231,25 @@ def train(
         mininterval=2.0,
     )
     for epoch in range(start_epoch, settings.epochs):
-        model.train()
+        trained.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
+        if outliers is not None:  # their own stream: the ID draws stay those of ce
+            outlier_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_001)
+            outlier_order = torch.randperm(len(outliers), generator=outlier_gen)
         started = time.perf_counter()
         loss_sum, correct = 0.0, 0
         for step in range(steps_per_epoch):
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            batch = augment(inputs[idx], settings, gen).to(dev)
+            views = [augment(inputs[idx], settings, gen).to(dev) for _ in range(objective.views)]
             target = targets[idx].to(dev)
-            loss, logits = objective.loss(model, batch, target)
+            batch = Batch(views, target)
+            if outliers is not None:
+                picks = outlier_order[
+                    torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
+                ]
+                batch.outliers = augment(outliers[picks], settings, outlier_gen).to(dev)
+            loss, logits = objective.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -227,7 +274,7 @@ def train(
                         "digest": digest,
                         "epoch": epoch + 1,
                         "rows": rows,
-                        "model": model.state_dict(),
+                        "model": trained.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                     },

@@ -86,6 +86,24 @@ def role(benchmark, dataset):
     return "id" if dataset == BENCHMARKS[benchmark]["id_dataset"] else "ood"
 
 
+def outlier_set(benchmark, method):
+    """The auxiliary outlier dataset a method trains on (config), or None."""
+    return BENCHMARKS[benchmark]["methods"][method].get("outliers")
+
+
+def train_inputs(w):
+    inputs = {"manifest": manifest(BENCHMARKS[w.benchmark]["id_dataset"])}
+    outliers = outlier_set(w.benchmark, w.method)
+    if outliers:
+        inputs["outliers"] = manifest(outliers)
+    return inputs
+
+
+def train_outlier_args(w):
+    outliers = outlier_set(w.benchmark, w.method)
+    return f"--outliers {manifest(outliers)}" if outliers else ""
+
+
 def model_dir(w):
     return f"results/models/{w.benchmark}/{w.method}/seed{w.seed}"
 

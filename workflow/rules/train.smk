@@ -1,6 +1,6 @@
 rule train:
     input:
-        manifest=lambda w: manifest(BENCHMARKS[w.benchmark]["id_dataset"]),
+        unpack(train_inputs),
     output:
         model="results/models/{benchmark}/{method}/seed{seed}/model.pt",
         log_csv=report(
@@ -29,9 +29,11 @@ rule train:
         backbone=lambda w: BENCHMARKS[w.benchmark]["backbone"],
         settings=lambda w: to_json(train_settings(BENCHMARKS[w.benchmark], w.method)),
         resume_dir=lambda w: f"{model_dir(w)}/resume",
+        outliers=train_outlier_args,
         device=config["device"],
     shell:
         "ood train --manifest {input.manifest} --method {wildcards.method}"
         " --backbone {params.backbone} --settings {params.settings:q} --seed {wildcards.seed}"
         " --out {output.model} --log-csv {output.log_csv} --resume-dir {params.resume_dir}"
+        " {params.outliers}"
         " --device {params.device} --threads {threads} 2> {log}"

@@ -1,0 +1,242 @@
+"""Training methods beyond ce: each objective against a hand computation on a tiny
+batch, where its gradients go, and the shared loop's determinism and resume
+with two views (supcon) and with an outlier stream (oe)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import BACKBONE, assert_same_weights, state_dict
+from torch import nn
+from torch.nn import functional as F
+
+from ood.cli import main
+from ood.train import METHOD_OUTLIERS, METHODS, get_objective, objective_class
+from ood.train.loop import TrainSettings, train
+from ood.train.objective import Batch
+from ood.train.oe import uniform_cross_entropy
+from ood.train.supcon import supcon_loss
+
+SETTINGS = {"epochs": 2, "batch_size": 8, "lr": 0.02, "crop_padding": 2, "hflip": True}
+
+
+@pytest.fixture(scope="module")
+def noise_outliers(tmp_path_factory):
+    """20 Gaussian-noise images at 32x32: a tiny auxiliary outlier set."""
+    from ood.data.curate import curate
+
+    out = tmp_path_factory.mktemp("outliers") / "noise"
+    curate("noise", {"source": "gaussian_noise", "params": {"n": 20, "seed": 5}}, out)
+    return out
+
+
+def run(dataset, out, method, *, outliers=None, stop_after_epoch=None, resume=True, **params):
+    settings = TrainSettings.from_dict({**SETTINGS, "method_params": params})
+    return train(
+        dataset,
+        out / "model.pt",
+        out / "train_log.csv",
+        method=method,
+        backbone=BACKBONE,
+        settings=settings,
+        seed=0,
+        device="cpu",
+        threads=1,
+        resume_dir=out / "resume" if resume else None,
+        outliers_dir=outliers,
+        stop_after_epoch=stop_after_epoch,
+    )
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_registry_agrees_with_the_objectives(capsys):
+    for name in METHODS:
+        cls = objective_class(name)
+        assert cls.name == name
+        assert cls.outliers == (name in METHOD_OUTLIERS), name
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"\n{name}: " in "\n" + out
+    assert "temperature=0.1, feature_dim=128, ce_weight=1.0" in out
+    assert "outliers: auxiliary outlier set" in out
+
+
+def test_readme_methods_table_is_the_registry():
+    from ood.train.methods import describe_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert describe_markdown() in readme, "README: paste `ood methods --markdown`"
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ValueError, match=r"method 'oe': unknown parameter\(s\) lam; known: weight"):
+        get_objective("oe", {"lam": 1.0})
+    with pytest.raises(ValueError, match="method 'supcon': parameter 'temperature' must be"):
+        get_objective("supcon", {"temperature": "hot"})
+
+
+# --- supcon -----------------------------------------------------------------------------
+
+
+def test_supcon_loss_equals_hand_computation():
+    torch.manual_seed(1)
+    z = F.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    t = 0.5
+    got = float(supcon_loss(z, labels, t))
+    # Loop over anchors and positives, straight from the definition.
+    zs = z.numpy()
+    total = 0.0
+    for i in range(6):
+        others = [a for a in range(6) if a != i]
+        denominator = sum(math.exp(zs[i] @ zs[a] / t) for a in others)
+        positives = [p for p in others if labels[p] == labels[i]]
+        total += -sum(math.log(math.exp(zs[i] @ zs[p] / t) / denominator) for p in positives) / len(
+            positives
+        )
+    assert got == pytest.approx(total / 6, rel=1e-12)
+
+
+def test_supcon_needs_a_positive_per_anchor():
+    z = F.normalize(torch.randn(3, 4), dim=1)
+    with pytest.raises(ValueError, match="an anchor has no positive"):
+        supcon_loss(z, torch.tensor([0, 1, 1]), 0.1)
+
+
+def tiny_model(num_classes=3):
+    from ood.models.backbones import build_model
+
+    torch.manual_seed(0)
+    return build_model(BACKBONE, num_classes)
+
+
+def test_supcon_objective_and_where_its_gradients_go():
+    model = tiny_model()
+    objective = get_objective("supcon", {"temperature": 0.2})
+    projector = objective.setup(model, 3)
+    torch.manual_seed(2)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    labels = torch.tensor([0, 1, 2, 1])
+    model.train()
+    loss, logits = objective.loss(model, Batch(views, labels))
+
+    # The same numbers by hand: projections of both views, SupCon, and CE of the probe.
+    from ood.models.backbones import features_and_logits
+
+    feature, _ = features_and_logits(model, torch.cat(views))
+    z = F.normalize(projector(feature), dim=1)
+    probe = model.get_classifier()(feature[:4])
+    expected = supcon_loss(z, labels.repeat(2), 0.2) + F.cross_entropy(probe, labels)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    np.testing.assert_allclose(logits.detach(), probe.detach(), rtol=1e-5, atol=1e-6)
+
+    loss.backward()
+    backbone_grad = model.conv1.weight.grad.clone()
+    assert projector[0].weight.grad.abs().sum() > 0
+    assert model.get_classifier().weight.grad.abs().sum() > 0
+    # The probe's CE does not reach the backbone: without it the backbone gradient is the same.
+    model.zero_grad()
+    contrastive_only = get_objective("supcon", {"temperature": 0.2, "ce_weight": 0.0})
+    contrastive_only.extra = projector
+    contrastive_only.loss(model, Batch(views, labels))[0].backward()
+    torch.testing.assert_close(model.conv1.weight.grad, backbone_grad)
+    assert (
+        model.get_classifier().weight.grad is None or not model.get_classifier().weight.grad.any()
+    )
+
+
+# --- oe ---------------------------------------------------------------------------------
+
+
+def test_oe_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 2 * 2, 4)).double()
+    images = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    outliers = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1])
+    loss, logits = get_objective("oe", {"weight": 0.7}).loss(
+        model, Batch([images], labels, outliers)
+    )
+    w = model[1].weight.detach().numpy()
+    b = model[1].bias.detach().numpy()
+    zi = images.numpy().reshape(3, -1) @ w.T + b
+    zo = outliers.numpy().reshape(5, -1) @ w.T + b
+    ce = np.mean(
+        [math.log(np.exp(row).sum()) - row[y] for row, y in zip(zi, labels.numpy(), strict=True)]
+    )
+    # CE to uniform: -(1/C) sum_c log softmax_c = logsumexp - mean logit.
+    to_uniform = np.mean([-np.mean(row - math.log(np.exp(row).sum())) for row in zo])
+    assert float(loss.detach()) == pytest.approx(ce + 0.7 * to_uniform, rel=1e-12)
+    np.testing.assert_allclose(logits.detach().numpy(), zi, rtol=1e-12)
+
+
+def test_oe_outlier_term_reaches_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    images, labels = torch.randn(3, 3, 2, 2), torch.tensor([0, 3, 1])
+    outliers = torch.randn(5, 3, 2, 2)
+    grads = []
+    for weight in (0.0, 1.0):
+        model.zero_grad()
+        get_objective("oe", {"weight": weight}).loss(model, Batch([images], labels, outliers))[
+            0
+        ].backward()
+        grads.append(model[1].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+    # CE to uniform is at least log C, reached when the softmax is uniform (equal logits).
+    assert float(uniform_cross_entropy(torch.zeros(2, 4))) == pytest.approx(math.log(4))
+    assert float(uniform_cross_entropy(torch.tensor([[3.0, 0.0, 0.0, 0.0]]))) > math.log(4)
+
+
+def test_oe_without_outliers_and_ce_with_outliers_are_errors(tiny_digits, noise_outliers, tmp_path):
+    with pytest.raises(ValueError, match="method 'oe' trains on an auxiliary outlier set"):
+        run(tiny_digits, tmp_path, "oe", resume=False)
+    with pytest.raises(ValueError, match=r"method 'ce' takes no outlier set \(got .*noise\)"):
+        run(tiny_digits, tmp_path, "ce", outliers=noise_outliers, resume=False)
+    assert not (tmp_path / "model.pt").exists()
+
+
+# --- the shared loop with views and outliers --------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["supcon", "oe"])
+def test_same_seed_identical_and_resume_equals_uninterrupted(
+    method, tiny_digits, noise_outliers, tmp_path
+):
+    outliers = noise_outliers if method == "oe" else None
+    first, second, resumed = (tmp_path / name for name in ("a", "b", "r"))
+    meta = run(tiny_digits, first, method, outliers=outliers)
+    run(tiny_digits, second, method, outliers=outliers)
+    assert_same_weights(first / "model.pt", second / "model.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_digits, resumed, method, outliers=outliers, stop_after_epoch=1)
+    assert (resumed / "resume/last.pt").exists() and not (resumed / "model.pt").exists()
+    run(tiny_digits, resumed, method, outliers=outliers)
+    assert_same_weights(first / "model.pt", resumed / "model.pt")
+    assert (first / "train_log.csv").read_text().count("\n") == 1 + SETTINGS["epochs"]
+    if method == "oe":
+        assert meta["n_outliers"] == 20 and len(meta["outliers_manifest_sha256"]) == 64
+
+
+def test_supcon_checkpoint_holds_the_classifier_only(tiny_digits, tmp_path):
+    """The projector trains beside the model but the scorers' checkpoint is the classifier."""
+    run(tiny_digits, tmp_path, "supcon", resume=False)
+    keys = set(state_dict(tmp_path / "model.pt"))
+    assert keys == set(tiny_model().state_dict())
+
+
+def test_cli_trains_oe_on_an_outlier_manifest(tiny_digits, noise_outliers, tmp_path):
+    argv = ["train", "--manifest", str(tiny_digits / "manifest.csv"), "--method", "oe"]
+    argv += ["--backbone", BACKBONE, "--settings", '{"epochs": 1, "batch_size": 8}']
+    argv += ["--out", str(tmp_path / "model.pt"), "--log-csv", str(tmp_path / "log.csv")]
+    argv += ["--outliers", str(noise_outliers / "manifest.csv"), "--device", "cpu"]
+    assert main(argv) == 0
+    meta = torch.load(tmp_path / "model.pt", weights_only=True)["meta"]
+    assert meta["method"] == "oe" and meta["n_outliers"] == 20
