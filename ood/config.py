@@ -48,7 +48,7 @@ def check_config(config: dict) -> None:
     from ood.data.demo import SOURCES
     from ood.data.download import check_spec
     from ood.models.specs import BACKBONES
-    from ood.train import METHODS
+    from ood.train import METHOD_SPATIAL, METHODS
 
     datasets = config["datasets"]
     downloads = config.get("downloads", {})
@@ -98,6 +98,11 @@ def check_config(config: dict) -> None:
                     f"{where}.methods: unknown method {method!r}; known: {', '.join(METHODS)}"
                 )
             check_outliers(f"{where}.methods.{method}", method, spec, seen, datasets)
+            if method in METHOD_SPATIAL and not BACKBONES[bench["backbone"]].spatial:
+                raise ConfigError(
+                    f"{where}.methods.{method}: trains on the last feature map, which backbone "
+                    f"{bench['backbone']!r} does not have"
+                )
         check_scorers(where, bench)
 
 

@@ -192,6 +192,13 @@ def test_scorers_needing_views_need_a_spatial_backbone(monkeypatch):
         ConfigError, match=r"scorers\.csd: needs multi-scale views .* 'pooled_only'"
     ):
         validate_config(config, SCHEMA)
+    # ALPA (mode_t, mode_f) reads the same map.
+    bench(config)["scorers"].pop("csd")
+    bench(config)["methods"]["mode_t"] = {}
+    with pytest.raises(
+        ConfigError, match=r"methods\.mode_t: trains on the last feature map, .* 'pooled_only'"
+    ):
+        validate_config(config, SCHEMA)
 
 
 def test_scorer_applies_to_some_methods_only(monkeypatch):

@@ -17,9 +17,10 @@ from torch.nn import functional as F
 from ood.cli import main
 from ood.train import METHOD_OUTLIERS, METHODS, get_objective, objective_class
 from ood.train.loop import TrainSettings, train
+from ood.train.mode import alpa_similarity
 from ood.train.objective import Batch
 from ood.train.oe import uniform_cross_entropy
-from ood.train.supcon import supcon_loss
+from ood.train.supcon import supcon_from_logits, supcon_loss
 
 SETTINGS = {"epochs": 2, "batch_size": 8, "lr": 0.02, "crop_padding": 2, "hflip": True}
 
@@ -152,6 +153,70 @@ def test_supcon_objective_and_where_its_gradients_go():
     )
 
 
+# --- mode_t / mode_f (ALPA) -------------------------------------------------------------
+
+
+def test_alpa_similarity_equals_hand_computation():
+    torch.manual_seed(3)
+    n, p, w = 3, 4, 5
+    q, k, v = (torch.randn(n, p, w, dtype=torch.float64) for _ in range(3))
+    got = alpa_similarity(q, k, v).numpy()
+    qn, kn, vn = q.numpy(), k.numpy(), v.numpy()
+    for i in range(n):
+        for j in range(n):
+            cosines = []
+            for a in range(p):
+                scores = np.array([qn[i, a] @ kn[j, b] / math.sqrt(w) for b in range(p)])
+                weights = np.exp(scores - scores.max())
+                weights /= weights.sum()
+                carried = sum(weights[b] * vn[j, b] for b in range(p))
+                own = vn[i, a]
+                cosines.append(own @ carried / np.linalg.norm(own) / np.linalg.norm(carried))
+            assert got[i, j] == pytest.approx(np.mean(cosines), rel=1e-10), (i, j)
+
+
+def test_mode_t_loss_and_where_its_gradients_go():
+    model = tiny_model()
+    objective = get_objective("mode_t", {"alpa_weight": 0.5})
+    heads = objective.setup(model, 3)
+    assert set(heads) == {"query", "key", "value", "projector"}
+    torch.manual_seed(4)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    labels = torch.tensor([0, 1, 2, 1])
+    model.train()
+    loss, logits = objective.loss(model, Batch(views, labels))
+
+    feature_map = model.forward_features(torch.cat(views))
+    feature = model.forward_head(feature_map, pre_logits=True)
+    local = feature_map.flatten(2).transpose(1, 2)
+    q, k, v = (heads[name](local) for name in ("query", "key", "value"))
+    both = labels.repeat(2)
+    alpa = supcon_from_logits(10.0 * alpa_similarity(q, k, v), both)
+    contrastive = supcon_loss(F.normalize(heads["projector"](feature), dim=1), both, 0.1)
+    probe = F.cross_entropy(model.get_classifier()(feature[:4]), labels)
+    expected = 0.5 * alpa + contrastive + probe
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert logits.shape == (4, 3)
+
+    loss.backward()
+    for name in ("query", "key", "value", "projector"):
+        assert heads[name][0].weight.grad.abs().sum() > 0, name
+    assert model.conv1.weight.grad.abs().sum() > 0
+
+
+def test_alpa_alone_moves_the_backbone_and_mode_f_has_no_projector():
+    model = tiny_model()
+    objective = get_objective("mode_f", {"ce_weight": 0.0})
+    heads = objective.setup(model, 3)
+    assert set(heads) == {"query", "key", "value"}
+    torch.manual_seed(5)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    loss, _ = objective.loss(model, Batch(views, torch.tensor([0, 0, 1, 1])))
+    loss.backward()
+    assert model.conv1.weight.grad.abs().sum() > 0
+    assert heads["query"][0].weight.grad.abs().sum() > 0
+
+
 # --- oe ---------------------------------------------------------------------------------
 
 
@@ -206,7 +271,7 @@ def test_oe_without_outliers_and_ce_with_outliers_are_errors(tiny_digits, noise_
 # --- the shared loop with views and outliers --------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["supcon", "oe"])
+@pytest.mark.parametrize("method", ["supcon", "mode_t", "oe"])
 def test_same_seed_identical_and_resume_equals_uninterrupted(
     method, tiny_digits, noise_outliers, tmp_path
 ):

@@ -11,10 +11,14 @@ import importlib
 METHODS: dict[str, str] = {
     "ce": "ood.train.ce:CrossEntropy",
     "supcon": "ood.train.supcon:SupCon",
+    "mode_t": "ood.train.mode:ModeTrain",
+    "mode_f": "ood.train.mode:ModeFinetune",
     "oe": "ood.train.oe:OutlierExposure",
 }
 # Methods that train on an auxiliary outlier set (config: methods.<m>.outliers).
 METHOD_OUTLIERS: set[str] = {"oe"}
+# Methods whose loss reads the last feature map (ALPA's local features).
+METHOD_SPATIAL: set[str] = {"mode_t", "mode_f"}
 # The classifier head a method trains: "flat" (one softmax over the classes) or
 # "group" (MOS group softmax, each group with its "others" class). Decides
 # which scorers apply to the method's models (ood.scores.applies).

@@ -23,11 +23,14 @@ from ood.models.backbones import features_and_logits
 from ood.train.objective import Batch, Objective
 
 
-def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SupCon over projections `z` (N, d), already L2-normalised, with class `labels` (N,)."""
-    n = len(z)
-    logits = z @ z.T / temperature
-    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+def supcon_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SupCon over a pairwise logit matrix (N, N) (similarity / temperature).
+
+    Anchor i's positives are the other entries of its class; the diagonal is
+    left out of both the positives and the denominator.
+    """
+    n = len(logits)
+    self_mask = torch.eye(n, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
@@ -36,6 +39,16 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
         raise ValueError("supcon: an anchor has no positive (each image needs two views)")
     per_anchor = -(log_prob.masked_fill(~positives, 0.0)).sum(1) / count
     return per_anchor.mean()
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupCon over projections `z` (N, d), already L2-normalised, with class `labels` (N,)."""
+    return supcon_from_logits(z @ z.T / temperature, labels)
+
+
+def projector(width: int, out: int) -> nn.Module:
+    """SupCon's projection MLP: D -> D -> out."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, out))
 
 
 class SupCon(Objective):
@@ -48,12 +61,7 @@ class SupCon(Objective):
     defaults = {"temperature": 0.1, "feature_dim": 128, "ce_weight": 1.0}
 
     def build(self, model: nn.Module, num_classes: int) -> nn.Module:
-        width = model.num_features
-        return nn.Sequential(
-            nn.Linear(width, width),
-            nn.ReLU(inplace=True),
-            nn.Linear(width, int(self.params["feature_dim"])),
-        )
+        return projector(model.num_features, int(self.params["feature_dim"]))
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         projector = self.extra
