@@ -81,6 +81,8 @@ def extract(
     }
     if "group_sizes" in meta:  # group-softmax models (MOS): the scorer needs the split
         metadata[GROUPS_KEY] = json.dumps(meta["group_sizes"])
+    if "group_classes" in meta:  # which class each group logit is: for the tables' accuracy
+        metadata["group_classes"] = json.dumps(meta["group_classes"])
     extra = {}
     if views:
         extra[VIEWS] = np.concatenate(view_rows)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ood.groups import class_log_probs
 from ood.io import read_features, read_scores, write_text_atomic
 from ood.metrics import accuracy, ood_metrics
 
@@ -63,7 +64,11 @@ def build_long_table(
     id_acc = {}
     for path in id_feature_files:
         dump = read_features(path)
-        id_acc[_key(dump.metadata, path)] = accuracy(dump.logits, dump.label)
+        logits = dump.logits
+        if "group_classes" in dump.metadata:  # group softmax: decode to per-class scores
+            groups = json.loads(dump.metadata["group_classes"])
+            logits = class_log_probs(logits, groups)
+        id_acc[_key(dump.metadata, path)] = accuracy(logits, dump.label)
 
     id_scores, ood_scores, seen = {}, [], {}
     for path in score_files:

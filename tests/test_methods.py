@@ -271,19 +271,24 @@ def test_oe_without_outliers_and_ce_with_outliers_are_errors(tiny_digits, noise_
 # --- the shared loop with views and outliers --------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["supcon", "mode_t", "oe"])
+GROUPS = {"groups": [[0, 2], [1]]}  # tiny_digits has classes 0, 1, 2
+
+
+@pytest.mark.parametrize(
+    ("method", "params"), [("supcon", {}), ("mode_t", {}), ("oe", {}), ("mos", GROUPS)]
+)
 def test_same_seed_identical_and_resume_equals_uninterrupted(
-    method, tiny_digits, noise_outliers, tmp_path
+    method, params, tiny_digits, noise_outliers, tmp_path
 ):
     outliers = noise_outliers if method == "oe" else None
     first, second, resumed = (tmp_path / name for name in ("a", "b", "r"))
-    meta = run(tiny_digits, first, method, outliers=outliers)
-    run(tiny_digits, second, method, outliers=outliers)
+    meta = run(tiny_digits, first, method, outliers=outliers, **params)
+    run(tiny_digits, second, method, outliers=outliers, **params)
     assert_same_weights(first / "model.pt", second / "model.pt")
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_digits, resumed, method, outliers=outliers, stop_after_epoch=1)
+        run(tiny_digits, resumed, method, outliers=outliers, stop_after_epoch=1, **params)
     assert (resumed / "resume/last.pt").exists() and not (resumed / "model.pt").exists()
-    run(tiny_digits, resumed, method, outliers=outliers)
+    run(tiny_digits, resumed, method, outliers=outliers, **params)
     assert_same_weights(first / "model.pt", resumed / "model.pt")
     assert (first / "train_log.csv").read_text().count("\n") == 1 + SETTINGS["epochs"]
     if method == "oe":
@@ -305,3 +310,87 @@ def test_cli_trains_oe_on_an_outlier_manifest(tiny_digits, noise_outliers, tmp_p
     assert main(argv) == 0
     meta = torch.load(tmp_path / "model.pt", weights_only=True)["meta"]
     assert meta["method"] == "oe" and meta["n_outliers"] == 20
+
+
+# --- mos (group softmax) ----------------------------------------------------------------
+
+
+def test_groups_are_checked():
+    from ood.groups import check_groups
+
+    assert check_groups([[2, 0], [1]], 3) == [[2, 0], [1]]
+    for groups, message in [
+        ([[0, 1]], r"classes \[2\] are in no group"),
+        ([[0, 1], [1, 2]], "class 1 is in group 0 and group 1"),
+        ([[0, 3], [1, 2]], r"group 0: 3 is not a class id in 0\.\.2"),
+        ([[0, 1, 2], []], "group 1 must be a non-empty list"),
+        ("0,1,2", "groups must be a non-empty list of lists"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_groups(groups, 3)
+    with pytest.raises(ValueError, match="method 'mos': give method_params.groups"):
+        get_objective("mos")
+
+
+def test_class_log_probs_decode_the_layout():
+    from ood.groups import class_log_probs
+
+    # groups [[2, 0], [1]]: logits = [others_0, class 2, class 0 | others_1, class 1]
+    logits = np.array([[0.0, 1.0, 3.0, 0.5, -1.0]])
+    got = class_log_probs(logits, [[2, 0], [1]])
+    first = np.log(np.exp([0.0, 1.0, 3.0]) / np.exp([0.0, 1.0, 3.0]).sum())
+    second = np.log(np.exp([0.5, -1.0]) / np.exp([0.5, -1.0]).sum())
+    np.testing.assert_allclose(got, [[first[2], second[1], first[1]]], rtol=1e-12)
+    assert got.argmax(1).tolist() == [0]
+
+
+def test_mos_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    objective = get_objective("mos", {"groups": [[0, 2], [1]]})
+    assert objective.num_outputs(3) == 5
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).double()
+    images = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 1])
+    loss, scores = objective.loss(model, Batch([images], labels))
+    z = model(images).detach().numpy()
+
+    def ce(row, target):
+        return math.log(np.exp(row).sum()) - row[target]
+
+    # group A = [others, 0, 2] (logits 0..2), group B = [others, 1] (logits 3..4)
+    target_a = {0: 1, 1: 0, 2: 2}
+    target_b = {0: 0, 1: 1, 2: 0}
+    expected = np.mean([ce(z[i, :3], target_a[int(y)]) for i, y in enumerate(labels)]) + np.mean(
+        [ce(z[i, 3:], target_b[int(y)]) for i, y in enumerate(labels)]
+    )
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
+    assert scores.shape == (4, 3)
+
+
+def test_mos_model_to_dump_to_mos_scorer(tiny_digits, tmp_path):
+    """A trained group model: its checkpoint, dump metadata, the mos scorer, decoded accuracy."""
+    from ood.features import extract
+    from ood.groups import class_log_probs
+    from ood.metrics import accuracy
+    from ood.scores import get_scorer
+
+    meta = run(tiny_digits, tmp_path, "mos", resume=False, groups=[[0, 2], [1]])
+    assert meta["group_sizes"] == [3, 2] and meta["group_classes"] == [[0, 2], [1]]
+    assert meta["num_classes"] == 3 and meta["num_logits"] == 5
+    dump = extract(tmp_path / "model.pt", tiny_digits, "test", tmp_path / "test.parquet", role="id")
+    assert dump.logits.shape[1] == 5 and dump.metadata["group_sizes"] == "[3, 2]"
+    scores = get_scorer("mos").score(dump)
+    # -min over groups of p(others), recomputed here.
+    p_a = np.exp(dump.logits[:, 0]) / np.exp(dump.logits[:, :3]).sum(1)
+    p_b = np.exp(dump.logits[:, 3]) / np.exp(dump.logits[:, 3:]).sum(1)
+    np.testing.assert_allclose(scores, -np.minimum(p_a, p_b), rtol=1e-5)
+    # The tables' accuracy decodes the groups; by hand: the class most probable in its group.
+    decoded = class_log_probs(dump.logits, [[0, 2], [1]])
+    by_hand = []
+    for row in dump.logits.astype(np.float64):
+        a = np.exp(row[:3]) / np.exp(row[:3]).sum()
+        b = np.exp(row[3:]) / np.exp(row[3:]).sum()
+        probs = {0: a[1], 2: a[2], 1: b[1]}
+        by_hand.append(max(probs, key=probs.get))
+    expected = np.mean(np.array(by_hand) == dump.label)
+    assert accuracy(decoded, dump.label) == pytest.approx(expected)

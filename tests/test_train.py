@@ -303,3 +303,10 @@ def test_wrong_image_size_names_the_dataset(tiny_digits_16, tmp_path):
     assert "expects 32x32" in str(err.value)
     assert not (tmp_path / "model.pt").exists()
     assert not (tmp_path / "train_log.csv").exists()
+
+
+def test_gpu_only_settings_leave_a_cpu_run_unchanged(tiny_digits, reference, tmp_path):
+    """amp and channels_last act on a GPU only: on CPU the weights are those of the reference
+    (which has both on, the defaults)."""
+    run(tiny_digits, tmp_path, amp=False, channels_last=False)
+    assert_same_weights(reference / "model.pt", tmp_path / "model.pt")

@@ -111,7 +111,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     # Built on the meta device, then the saved tensors are assigned: no random
     # init that the checkpoint would overwrite (half the load time at 32x32).
     with torch.device("meta"):
-        model = build_model(meta["backbone"], meta["num_classes"])
+        # Group-softmax heads have more logits than classes (older checkpoints: equal).
+        model = build_model(meta["backbone"], meta.get("num_logits", meta["num_classes"]))
     model.load_state_dict(blob["model"], assign=True)
     model.eval()
     return model, meta

@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "mode_t": "ood.train.mode:ModeTrain",
     "mode_f": "ood.train.mode:ModeFinetune",
     "oe": "ood.train.oe:OutlierExposure",
+    "mos": "ood.train.mos:GroupSoftmax",
 }
 # Methods that train on an auxiliary outlier set (config: methods.<m>.outliers).
 METHOD_OUTLIERS: set[str] = {"oe"}
@@ -22,7 +23,7 @@ METHOD_SPATIAL: set[str] = {"mode_t", "mode_f"}
 # The classifier head a method trains: "flat" (one softmax over the classes) or
 # "group" (MOS group softmax, each group with its "others" class). Decides
 # which scorers apply to the method's models (ood.scores.applies).
-METHOD_HEADS: dict[str, str] = {}
+METHOD_HEADS: dict[str, str] = {"mos": "group"}
 
 
 def method_head(method: str) -> str:

@@ -51,9 +51,11 @@ class TrainSettings:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     pretrained: str | None = None  # path to backbone weights on disk; None = random init
     method_params: dict = field(default_factory=dict)
-    outlier_batch_size: int | None = (
-        None  # outliers per step (methods using them); None = 2 x batch
-    )
+    # Outliers per step, for methods that train on them; None = 2 x batch_size (OE's ratio).
+    outlier_batch_size: int | None = None
+    # On a GPU only: float16 autocast with loss scaling, and channels-last memory layout.
+    amp: bool = True
+    channels_last: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainSettings:
@@ -181,10 +183,16 @@ def train(
     objective = get_objective(method, settings.method_params)
     outliers = _outlier_inputs(objective, outliers_dir, size, settings)
     outlier_batch = settings.outlier_batch_size or 2 * settings.batch_size
+    num_logits = objective.num_outputs(num_classes)
     torch.manual_seed(seed)
-    model = build_model(backbone, num_classes, settings.pretrained).to(dev)
+    model = build_model(backbone, num_logits, settings.pretrained).to(dev)
     extra = objective.setup(model, num_classes)
     trained = nn.ModuleList([model] if extra is None else [model, extra.to(dev)])
+    on_gpu = dev.type == "cuda"
+    layout = torch.channels_last if on_gpu and settings.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
+    use_amp = on_gpu and settings.amp
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # a pass-through when disabled
     optimizer = torch.optim.SGD(
         trained.parameters(),
         lr=settings.lr,
@@ -199,11 +207,13 @@ def train(
         "method": method,
         "backbone": backbone,
         "num_classes": num_classes,
+        "num_logits": num_logits,
         "seed": seed,
         "settings": asdict(settings),
         "dataset_manifest_sha256": manifest_sha256(dataset_dir),
         "n_train": n,
     }
+    meta.update(objective.meta())
     if outliers is not None:
         meta["outliers_manifest_sha256"] = manifest_sha256(outliers_dir)
         meta["n_outliers"] = len(outliers)
@@ -218,6 +228,7 @@ def train(
             trained.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
             rows, start_epoch = state["rows"], state["epoch"]
             log.info("resuming %s from epoch %d (%s)", method, start_epoch, resume_file)
         else:
@@ -249,10 +260,14 @@ def train(
                     torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
                 ]
                 batch.outliers = augment(outliers[picks], settings, outlier_gen).to(dev)
-            loss, logits = objective.loss(model, batch)
+            if on_gpu:
+                batch.views = [v.contiguous(memory_format=layout) for v in batch.views]
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                loss, logits = objective.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == target).sum())
@@ -277,6 +292,7 @@ def train(
                         "model": trained.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
                     },
                     tmp,
                 )

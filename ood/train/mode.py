@@ -29,11 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ood.train.objective import Batch, Objective
-from ood.train.supcon import projector, supcon_from_logits, supcon_loss
-
-
-def mlp(width: int, out: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, out))
+from ood.train.supcon import mlp, supcon_from_logits, supcon_loss
 
 
 def alpa_similarity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -66,7 +62,7 @@ class ModeTrain(Objective):
         width, depth = model.num_features, int(self.params["width"])
         modules = {name: mlp(width, depth) for name in ("query", "key", "value")}
         if self.params["supcon_weight"] > 0:
-            modules["projector"] = projector(width, int(self.params["feature_dim"]))
+            modules["projector"] = mlp(width, int(self.params["feature_dim"]))
         return nn.ModuleDict(modules)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

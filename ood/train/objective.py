@@ -49,10 +49,22 @@ class Objective:
             )
         self.params = {**self.defaults, **params}
         for key, value in self.params.items():
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ValueError(
-                    f"method {self.name!r}: parameter {key!r} must be a number >= 0, got {value!r}"
-                )
+            self.check_param(key, value)
+
+    def check_param(self, key: str, value: Any) -> None:
+        """Numbers >= 0 unless a method says otherwise."""
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ValueError(
+                f"method {self.name!r}: parameter {key!r} must be a number >= 0, got {value!r}"
+            )
+
+    def num_outputs(self, num_classes: int) -> int:
+        """Logits of the classifier head (more than the classes for group softmax)."""
+        return num_classes
+
+    def meta(self) -> dict:
+        """What the checkpoint must carry for the scorers and tables (e.g. the groups)."""
+        return {}
 
     extra: nn.Module | None = None
 

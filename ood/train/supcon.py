@@ -46,8 +46,8 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
     return supcon_from_logits(z @ z.T / temperature, labels)
 
 
-def projector(width: int, out: int) -> nn.Module:
-    """SupCon's projection MLP: D -> D -> out."""
+def mlp(width: int, out: int) -> nn.Module:
+    """Two-layer MLP width -> width -> out (SupCon's projection head, ALPA's q/k/v)."""
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, out))
 
 
@@ -61,7 +61,7 @@ class SupCon(Objective):
     defaults = {"temperature": 0.1, "feature_dim": 128, "ce_weight": 1.0}
 
     def build(self, model: nn.Module, num_classes: int) -> nn.Module:
-        return projector(model.num_features, int(self.params["feature_dim"]))
+        return mlp(model.num_features, int(self.params["feature_dim"]))
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         projector = self.extra
