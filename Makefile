@@ -39,7 +39,8 @@ report: $(STAMP)
 clean:
 	rm -rf results resources .snakemake
 
-# Scorer and workflow-overhead benchmarks (benchmarks/README.md): `make bench QUICK=1` for a smoke run.
+# Scorer, workflow-overhead and training-throughput benchmarks (benchmarks/README.md): `make bench QUICK=1` for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(if $(QUICK),--quick)
 	$(BIN)/python benchmarks/workflow_overhead.py $(if $(QUICK),--quick)
+	$(BIN)/python benchmarks/train_throughput.py $(if $(QUICK),--quick)

@@ -9,7 +9,11 @@ predictions without torch.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import log_softmax
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def check_groups(groups, num_classes: int) -> list[list[int]]:
@@ -50,7 +54,7 @@ def class_log_probs(logits: np.ndarray, groups: list[list[int]]) -> np.ndarray:
     out = np.empty((len(logits), sum(len(m) for m in groups)))
     start = 0
     for members in groups:
-        block = log_softmax(logits[:, start : start + len(members) + 1], axis=1)
+        block = _log_softmax(logits[:, start : start + len(members) + 1])
         out[:, members] = block[:, 1:]
         start += len(members) + 1
     return out
