@@ -76,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         threads=args.threads,
         resume_dir=args.resume_dir,
         outliers_dir=_dataset_dir(args.outliers) if args.outliers else None,
+        teacher=args.teacher,
+        teacher_backbone=args.teacher_backbone,
     )
     log.info("saved %s (train accuracy %s)", args.out, meta["final_train_accuracy"])
 
@@ -207,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-dir", default=None, help="where epoch checkpoints are kept")
     p.add_argument(
         "--outliers", default=None, help="manifest.csv of the auxiliary outlier set (oe, ...)"
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="checkpoint to distil from (oaml): an `ood train` model.pt, or a state dict "
+        "with --teacher-backbone",
+    )
+    p.add_argument(
+        "--teacher-backbone",
+        default=None,
+        help="timm backbone name of a bare --teacher state dict (e.g. vit_b16_224)",
     )
     add_compute(p)
 

@@ -41,14 +41,53 @@ def validate_config(config: dict, schema_path: str) -> None:
 
     validate_schema(config, schema_path)
     validate(config, schema_path)  # same schema, passes; run for its defaults
+    expand_one_class(config)
     check_config(config)
+
+
+def expand_one_class(config: dict) -> None:
+    """Replace each benchmark with `one_class: [c, ...]` by one benchmark per class.
+
+    `<b>_class<c>`: ID = class c of the ID dataset (both splits, label 0); near-OOD
+    = the test images of every other class; far-OOD as configured. The subsets are
+    `class_subset` datasets of the curated ID dataset.
+    """
+    import copy
+
+    datasets, benchmarks = config["datasets"], config["benchmarks"]
+    for name in [b for b, bench in benchmarks.items() if bench.get("one_class")]:
+        bench = benchmarks.pop(name)
+        parent = bench["id_dataset"]
+        if parent not in datasets:
+            raise ConfigError(f"benchmarks.{name}.id_dataset: {parent!r} is not in datasets")
+        for c in bench["one_class"]:
+            inside, outside = f"{parent}_class{c}", f"{parent}_not{c}"
+            for key, params in (
+                (inside, {"of": parent, "classes": [c]}),
+                (outside, {"of": parent, "exclude": [c], "splits": ["test"], "relabel": False}),
+            ):
+                if key in datasets:
+                    raise ConfigError(
+                        f"benchmarks.{name}.one_class: dataset {key!r} exists already"
+                    )
+                datasets[key] = {"source": "class_subset", "params": params}
+            derived = f"{name}_class{c}"
+            if derived in benchmarks:
+                raise ConfigError(
+                    f"benchmarks.{name}.one_class: benchmark {derived!r} exists already"
+                )
+            one = copy.deepcopy({k: v for k, v in bench.items() if k != "one_class"})
+            one["id_dataset"] = inside
+            one["ood"] = {"near": [outside], "far": list(bench["ood"].get("far", []))}
+            drop = one.get("audit", {}).get("drop", [])
+            one.setdefault("audit", {})["drop"] = [d for d in drop if d in one["ood"]["far"]]
+            benchmarks[derived] = one
 
 
 def check_config(config: dict) -> None:
     from ood.data.demo import SOURCES
     from ood.data.download import check_spec
     from ood.models.specs import BACKBONES
-    from ood.train import METHOD_SPATIAL, METHODS
 
     datasets = config["datasets"]
     downloads = config.get("downloads", {})
@@ -63,6 +102,15 @@ def check_config(config: dict) -> None:
                 f"datasets.{name}.source: unknown source {spec['source']!r}; "
                 f"known: {', '.join(sorted(SOURCES))}"
             )
+        if spec["source"] == "class_subset":
+            parent = spec.get("params", {}).get("of")
+            if parent not in datasets or parent == name:
+                raise ConfigError(
+                    f"datasets.{name}.params.of: a class_subset names another dataset, "
+                    f"got {parent!r}"
+                )
+            if spec.get("inputs"):
+                raise ConfigError(f"datasets.{name}.inputs: a class_subset reads its 'of' dataset")
         for role, download in spec.get("inputs", {}).items():
             if download not in downloads:
                 raise ConfigError(
@@ -92,18 +140,127 @@ def check_config(config: dict) -> None:
                 f"{where}.backbone: unknown backbone {bench['backbone']!r}; "
                 f"known: {', '.join(sorted(BACKBONES))}"
             )
-        for method, spec in bench["methods"].items():
-            if method not in METHODS:
-                raise ConfigError(
-                    f"{where}.methods: unknown method {method!r}; known: {', '.join(METHODS)}"
-                )
-            check_outliers(f"{where}.methods.{method}", method, spec, seen, datasets)
-            if method in METHOD_SPATIAL and not BACKBONES[bench["backbone"]].spatial:
-                raise ConfigError(
-                    f"{where}.methods.{method}: trains on the last feature map, which backbone "
-                    f"{bench['backbone']!r} does not have"
-                )
+        check_methods(where, bench, seen, datasets)
         check_scorers(where, bench)
+
+
+def method_backbone(bench: dict, method: str) -> str:
+    """The backbone a method trains: its own `backbone` key, else the benchmark's."""
+    return bench["methods"][method].get("backbone") or bench["backbone"]
+
+
+def check_methods(where: str, bench: dict, used: dict, datasets: dict) -> None:
+    from ood.models.specs import BACKBONES
+    from ood.train import METHOD_SPATIAL, METHOD_TEACHER, METHOD_TOKENS, METHODS
+
+    methods = bench["methods"]
+    for method, spec in methods.items():
+        at = f"{where}.methods.{method}"
+        if method not in METHODS:
+            raise ConfigError(
+                f"{where}.methods: unknown method {method!r}; known: {', '.join(METHODS)}"
+            )
+        check_outliers(at, method, spec, used, datasets)
+        backbone = method_backbone(bench, method)
+        key = f"{at}.backbone" if spec.get("backbone") else f"{where}.backbone"
+        if backbone not in BACKBONES:
+            raise ConfigError(
+                f"{key}: unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}"
+            )
+        if method in METHOD_SPATIAL and not BACKBONES[backbone].spatial:
+            raise ConfigError(
+                f"{at}: trains on the last feature map, which backbone {backbone!r} does not have"
+            )
+        if method in METHOD_TOKENS and not BACKBONES[backbone].tokens:
+            raise ConfigError(
+                f"{at}: masks patch tokens, which backbone {backbone!r} does not have; "
+                f"give methods.{method}.backbone a BEiT/ViT (e.g. beit_tiny_32)"
+            )
+        if "init" in spec:
+            if spec.get("train", {}).get("pretrained") or bench.get("train", {}).get("pretrained"):
+                raise ConfigError(f"{at}.init: give init or train.pretrained, not both")
+            _check_model_ref(f"{at}.init", method, spec["init"], methods)
+            if method_backbone(bench, spec["init"]) != backbone:
+                raise ConfigError(
+                    f"{at}.init: {spec['init']!r} trains backbone "
+                    f"{method_backbone(bench, spec['init'])!r}, {method!r} trains {backbone!r}"
+                )
+        teacher = spec.get("teacher")
+        if method in METHOD_TEACHER and teacher is None:
+            raise ConfigError(
+                f"{at}.teacher: method {method!r} distils from a teacher; name a method of "
+                "this benchmark or give {checkpoint, backbone}"
+            )
+        if teacher is not None and method not in METHOD_TEACHER:
+            raise ConfigError(f"{at}.teacher: method {method!r} takes no teacher")
+        if isinstance(teacher, str):
+            _check_model_ref(f"{at}.teacher", method, teacher, methods)
+        elif isinstance(teacher, dict) and teacher["backbone"] not in BACKBONES:
+            raise ConfigError(
+                f"{at}.teacher.backbone: unknown backbone {teacher['backbone']!r}; "
+                f"known: {', '.join(sorted(BACKBONES))}"
+            )
+        for scorer in spec.get("scorers", []):
+            if scorer not in bench["scorers"]:
+                raise ConfigError(
+                    f"{at}.scorers: {scorer!r} is not one of the benchmark's scorers "
+                    f"({', '.join(bench['scorers'])})"
+                )
+            reason = scorer_skip_reason(bench, method, scorer, listed=False)
+            if reason:
+                raise ConfigError(f"{at}.scorers: {scorer!r} {reason}")
+    _check_acyclic(where, methods)
+
+
+def model_dependencies(spec: dict) -> list[str]:
+    """The methods of the same benchmark whose trained model this method reads."""
+    return [ref for ref in (spec.get("init"), spec.get("teacher")) if isinstance(ref, str)]
+
+
+def _check_model_ref(key: str, method: str, ref: str, methods: dict) -> None:
+    if ref == method:
+        raise ConfigError(f"{key}: {method!r} cannot start from or learn from itself")
+    if ref not in methods:
+        raise ConfigError(f"{key}: {ref!r} is not a method of this benchmark")
+
+
+def _check_acyclic(where: str, methods: dict) -> None:
+    def visit(method: str, path: tuple[str, ...]) -> None:
+        for ref in model_dependencies(methods[method]):
+            if ref in path:
+                cycle = " -> ".join((*path, ref))
+                raise ConfigError(
+                    f"{where}.methods: models depend on each other in a cycle: {cycle}"
+                )
+            visit(ref, (*path, ref))
+
+    for method in methods:
+        visit(method, (method,))
+
+
+def scorer_skip_reason(bench: dict, method: str, scorer: str, listed: bool = True) -> str | None:
+    """Why `scorer` does not run on `method`'s models, or None when it does.
+
+    It must fit the head (group vs flat softmax), find a spatial feature map if
+    it reads multi-scale views, and (with `listed`) be in the method's
+    `scorers` list when the method has one.
+    """
+    from ood.models.specs import BACKBONES
+    from ood.scores import applies, scorer_class
+    from ood.train import method_head
+
+    head = method_head(method)
+    if not applies(scorer, head):
+        if "groups" in scorer_class(scorer).needs:
+            return "applies to group-softmax models (method mos) only"
+        return f"needs one softmax over the classes; {method!r} trains a {head} head"
+    backbone = method_backbone(bench, method)
+    if "views" in scorer_class(scorer).needs and not BACKBONES[backbone].spatial:
+        return f"needs multi-scale views of a feature map, which backbone {backbone!r} lacks"
+    chosen = bench["methods"][method].get("scorers")
+    if listed and chosen is not None and scorer not in chosen:
+        return "is not in the method's scorers list"
+    return None
 
 
 def check_outliers(where: str, method: str, spec: dict, used: dict, datasets: dict) -> None:
@@ -129,12 +286,9 @@ def check_outliers(where: str, method: str, spec: dict, used: dict, datasets: di
 
 def check_scorers(where: str, bench: dict) -> None:
     """Each variant builds (known name, valid parameters) and applies to some method."""
-    from ood.models.specs import BACKBONES
-    from ood.scores import applies, get_scorer, scorer_class
+    from ood.scores import get_scorer
     from ood.scores.variants import expand
-    from ood.train import method_head
 
-    heads = {method: method_head(method) for method in bench["methods"]}
     seen: dict[str, str] = {}
     for scorer, params in bench["scorers"].items():
         at = f"{where}.scorers.{scorer}"
@@ -148,20 +302,10 @@ def check_scorers(where: str, bench: dict) -> None:
             if variant in seen:
                 raise ConfigError(f"{at}: variant {variant!r} is also made by {seen[variant]}")
             seen[variant] = at
-        needs = scorer_class(scorer).needs
-        if "views" in needs and not BACKBONES[bench["backbone"]].spatial:
-            raise ConfigError(
-                f"{at}: needs multi-scale views of the last feature map, which backbone "
-                f"{bench['backbone']!r} does not have"
-            )
-        if not any(applies(scorer, head) for head in heads.values()):
-            listed = ", ".join(f"{m} ({h} head)" for m, h in heads.items())
-            wanted = (
-                "a group-softmax model (method mos)"
-                if "groups" in needs
-                else "a model with one softmax over the classes"
-            )
-            raise ConfigError(f"{at}: applies to {wanted}; this benchmark's methods are {listed}")
+        reasons = {m: scorer_skip_reason(bench, m, scorer) for m in bench["methods"]}
+        if all(reasons.values()):
+            listed = "; ".join(f"{m}: {why}" for m, why in reasons.items())
+            raise ConfigError(f"{at}: runs on none of the benchmark's methods ({listed})")
 
 
 def _message(exc: Exception) -> str:

@@ -109,8 +109,87 @@ def bench(config: dict) -> dict:
         ),
         (
             lambda c: bench(c)["scorers"].update(mos={}),
-            r"benchmarks\.tiny\.scorers\.mos: applies to a group-softmax model \(method mos\); "
-            r"this benchmark's methods are ce \(flat head\)",
+            r"benchmarks\.tiny\.scorers\.mos: runs on none of the benchmark's methods "
+            r"\(ce: applies to group-softmax models \(method mos\) only\)",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(mood={}),
+            r"benchmarks\.tiny\.methods\.mood: masks patch tokens, which backbone "
+            r"'resnet18_32_pool' does not have; give methods\.mood\.backbone a BEiT/ViT",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(mode_t={"backbone": "beit_tiny_32"}),
+            r"benchmarks\.tiny\.methods\.mode_t: trains on the last feature map, which "
+            r"backbone 'beit_tiny_32' does not have",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(ce={"backbone": "resnet99"}),
+            r"benchmarks\.tiny\.methods\.ce\.backbone: unknown backbone 'resnet99'",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(mode_f={"init": "supcon"}),
+            r"benchmarks\.tiny\.methods\.mode_f\.init: 'supcon' is not a method of this benchmark",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(mode_f={"init": "mode_f"}),
+            r"methods\.mode_f\.init: 'mode_f' cannot start from or learn from itself",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(
+                mode_f={"init": "mode_t"}, mode_t={"init": "mode_f"}
+            ),
+            r"benchmarks\.tiny\.methods: models depend on each other in a cycle: "
+            r"mode_f -> mode_t -> mode_f",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(mood={"backbone": "beit_tiny_32", "init": "ce"}),
+            r"methods\.mood\.init: 'ce' trains backbone 'resnet18_32_pool', 'mood' trains "
+            r"'beit_tiny_32'",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(
+                mode_f={"init": "ce", "train": {"pretrained": "w.pth"}}
+            ),
+            r"methods\.mode_f\.init: give init or train\.pretrained, not both",
+        ),
+        (
+            lambda c: (
+                c["datasets"].update(aux={"source": "gaussian_noise"}),
+                bench(c)["methods"].update(oaml={"outliers": "aux"}),
+            ),
+            r"methods\.oaml\.teacher: method 'oaml' distils from a teacher; name a method",
+        ),
+        (
+            lambda c: bench(c)["methods"].update(mode_t={"teacher": "ce"}),
+            r"methods\.mode_t\.teacher: method 'mode_t' takes no teacher",
+        ),
+        (
+            lambda c: (
+                c["datasets"].update(aux={"source": "gaussian_noise"}),
+                bench(c)["methods"].update(
+                    oaml={"outliers": "aux", "teacher": {"checkpoint": "t.pth", "backbone": "vit"}}
+                ),
+            ),
+            r"methods\.oaml\.teacher\.backbone: unknown backbone 'vit'",
+        ),
+        (
+            lambda c: bench(c)["methods"]["ce"].update(scorers=["nope"]),
+            r"methods\.ce\.scorers: 'nope' is not one of the benchmark's scorers",
+        ),
+        (
+            lambda c: (
+                bench(c)["scorers"].update(mos={}),
+                bench(c)["methods"]["ce"].update(scorers=["mos"]),
+            ),
+            r"methods\.ce\.scorers: 'mos' applies to group-softmax models \(method mos\) only",
+        ),
+        (
+            lambda c: (
+                bench(c)["scorers"].update(csd={}),
+                bench(c).update(backbone="beit_tiny_32"),
+            ),
+            r"scorers\.csd: runs on none of the benchmark's methods \(ce: needs multi-scale "
+            r"views of a feature map, which backbone 'beit_tiny_32' lacks\)",
         ),
         (
             lambda c: bench(c)["methods"].update(oe={}),
@@ -189,7 +268,7 @@ def test_scorers_needing_views_need_a_spatial_backbone(monkeypatch):
     validate_config(copy.deepcopy(config), SCHEMA)  # fine without csd
     bench(config)["scorers"]["csd"] = {}
     with pytest.raises(
-        ConfigError, match=r"scorers\.csd: needs multi-scale views .* 'pooled_only'"
+        ConfigError, match=r"scorers\.csd: runs on none .* needs multi-scale views .* 'pooled_only'"
     ):
         validate_config(config, SCHEMA)
     # ALPA (mode_t, mode_f) reads the same map.

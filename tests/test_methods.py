@@ -18,7 +18,7 @@ from ood.cli import main
 from ood.train import METHOD_OUTLIERS, METHODS, get_objective, objective_class
 from ood.train.loop import TrainSettings, train
 from ood.train.mode import alpa_similarity
-from ood.train.objective import Batch
+from ood.train.objective import Batch, TrainContext
 from ood.train.oe import uniform_cross_entropy
 from ood.train.supcon import supcon_from_logits, supcon_loss
 
@@ -121,7 +121,7 @@ def tiny_model(num_classes=3):
 def test_supcon_objective_and_where_its_gradients_go():
     model = tiny_model()
     objective = get_objective("supcon", {"temperature": 0.2})
-    projector = objective.setup(model, 3)
+    projector = objective.setup(model, TrainContext.uniform(3))
     torch.manual_seed(2)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
     labels = torch.tensor([0, 1, 2, 1])
@@ -178,7 +178,7 @@ def test_alpa_similarity_equals_hand_computation():
 def test_mode_t_loss_and_where_its_gradients_go():
     model = tiny_model()
     objective = get_objective("mode_t", {"alpa_weight": 0.5})
-    heads = objective.setup(model, 3)
+    heads = objective.setup(model, TrainContext.uniform(3))
     assert set(heads) == {"query", "key", "value", "projector"}
     torch.manual_seed(4)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
@@ -207,7 +207,7 @@ def test_mode_t_loss_and_where_its_gradients_go():
 def test_alpa_alone_moves_the_backbone_and_mode_f_has_no_projector():
     model = tiny_model()
     objective = get_objective("mode_f", {"ce_weight": 0.0})
-    heads = objective.setup(model, 3)
+    heads = objective.setup(model, TrainContext.uniform(3))
     assert set(heads) == {"query", "key", "value"}
     torch.manual_seed(5)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]

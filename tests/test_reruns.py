@@ -125,3 +125,56 @@ def test_forcerun_of_one_score_replans_that_score_and_the_tables(run):
     )
     assert counts == {"score": 1, "benchmark_table": 1, "tables": 1}
     assert target in outputs
+
+
+@pytest.fixture(scope="module")
+def dependent_methods(tmp_path_factory):
+    """tiny plus mode_f fine-tuning ce, and oaml distilling from ce on an outlier set;
+    each scored with its own list of scorers."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("dependent"))
+    config = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
+    config["datasets"]["aux"] = {"source": "gaussian_noise", "params": {"n": 8, "seed": 9}}
+    config["benchmarks"]["tiny"]["methods"].update(
+        mode_f={"init": "ce", "scorers": ["knn"]},
+        oaml={"outliers": "aux", "teacher": "ce", "scorers": ["energy", "msp"]},
+    )
+    (workdir / "config/dependent.yaml").write_text(yaml.safe_dump(config))
+    return workdir
+
+
+def test_init_and_teacher_are_inputs_of_the_train_job(dependent_methods):
+    """mode_f starts from ce's model and oaml learns from it: both wait for ce's
+    training job and get its checkpoint on the command line."""
+    result = snakemake(
+        dependent_methods,
+        "results/models/tiny/mode_f/seed0/model.pt",
+        "results/models/tiny/oaml/seed0/model.pt",
+        "-n",
+        "-p",
+        "--configfile",
+        "config/dependent.yaml",
+    )
+    commands = re.findall(r"ood train .*", result.stdout + result.stderr)
+    by_method = {re.search(r"--method (\S+)", c).group(1): c for c in commands}
+    assert set(by_method) == {"ce", "mode_f", "oaml"}
+    ce_model = "results/models/tiny/ce/seed0/model.pt"
+    assert f'"pretrained":"{ce_model}"' in by_method["mode_f"]
+    assert f"--teacher {ce_model}" in by_method["oaml"]
+    assert "--outliers resources/data/aux/manifest.csv" in by_method["oaml"]
+    assert "--teacher" not in by_method["mode_f"] and "pretrained" not in by_method["ce"]
+
+
+def test_a_methods_scorers_list_limits_its_score_jobs(dependent_methods):
+    counts, outputs = dry_run(
+        dependent_methods, "results/tables/all.csv", "--configfile", "config/dependent.yaml"
+    )
+    scores = {
+        p.split("/seed0/")[0].split("/")[-1] + "/" + p.split("/")[-1]
+        for p in outputs
+        if p.startswith("results/scores/")
+    }
+    assert {s for s in scores if s.startswith("mode_f/")} == {"mode_f/knn-k3", "mode_f/knn-k5"}
+    assert {s for s in scores if s.startswith("oaml/")} == {"oaml/energy", "oaml/msp"}
+    assert counts["score"] == len(VARIANTS) + 2 + 2
+    # oaml's scorers fit nothing: no train-split dump is planned for it.
+    assert not any(p.startswith("results/features/tiny/oaml/seed0/train/") for p in outputs)

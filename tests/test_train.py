@@ -310,3 +310,50 @@ def test_gpu_only_settings_leave_a_cpu_run_unchanged(tiny_digits, reference, tmp
     (which has both on, the defaults)."""
     run(tiny_digits, tmp_path, amp=False, channels_last=False)
     assert_same_weights(reference / "model.pt", tmp_path / "model.pt")
+
+
+def test_schedule_warms_up_linearly_then_follows_the_cosine():
+    from ood.train.loop import make_optimizer
+
+    model = nn.Linear(4, 2)
+    settings = TrainSettings(epochs=4, lr=0.1, warmup_epochs=1)
+    optimizer, scheduler = make_optimizer(model, None, settings, steps=40)  # 10 steps/epoch
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Warm-up: 10 steps from 1e-3 x lr up to lr, linearly.
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[5] == pytest.approx(0.1 * (1e-3 + (1 - 1e-3) * 5 / 10))
+    # Then the cosine over the remaining 30 steps.
+    for step in range(10, 40):
+        expected = 0.05 * (1 + math.cos(math.pi * (step - 10) / 30))
+        assert lrs[step] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_adamw_layer_decay_scales_lower_blocks_and_decays_extra_matrices():
+    from ood.models.backbones import build_model
+    from ood.train.loop import make_optimizer
+
+    model = build_model("vit_tiny_32", 3)
+    extra = nn.Linear(4, 4)
+    settings = TrainSettings(optimizer="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    optimizer, _ = make_optimizer(model, extra, settings, steps=10)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    head, first = model.head.weight, model.blocks[0].attn.qkv.weight
+    assert lr_of[id(head)] == pytest.approx(1e-3)
+    depth = len(model.blocks)
+    # timm: layer ids 0 (embeddings) .. depth + 1 (head); block i is layer i + 1.
+    assert lr_of[id(first)] == pytest.approx(1e-3 * 0.5 ** (depth + 1 - 1))
+    assert decay_of[id(extra.weight)] == 0.05 and decay_of[id(extra.bias)] == 0.0
+    assert lr_of[id(extra.weight)] == pytest.approx(1e-3)
+    assert len(lr_of) == len(list(model.parameters())) + 2
+
+
+def test_unknown_optimizer_and_layer_decay_without_adamw_are_errors():
+    with pytest.raises(ValueError, match="training setting optimizer: 'adam'; known: sgd, adamw"):
+        TrainSettings(optimizer="adam")
+    with pytest.raises(ValueError, match="layer_decay needs optimizer: adamw"):
+        TrainSettings(layer_decay=0.9)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ood.data import real
+from ood.data import real, subset
 
 Record = real.Record  # (split, label, HxWx3 uint8 array or Path of an image file)
 Inputs = real.Inputs  # input role -> directory
@@ -33,6 +33,20 @@ Source = Callable[[dict[str, Any], Inputs | None], Iterator[Record]]
 
 TEXTURES = ("brick", "grass", "gravel")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower")
+# Bundled scikit-image pictures that no demo test set uses: crops of them are the
+# demo's auxiliary outlier set (a stand-in for TinyImages-300K).
+SCENES = (
+    "camera",
+    "coins",
+    "moon",
+    "checkerboard",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "clock",
+    "cell",
+    "colorwheel",
+)
 
 _DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "sklearn_digits": {
@@ -55,6 +69,14 @@ _DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         "per_image": 60,
         "crop_min": 48,
         "crop_max": 160,
+        "image_size": 32,
+        "seed": 0,
+    },
+    "skimage_scenes": {
+        "names": list(SCENES),
+        "per_image": 40,
+        "crop_min": 32,
+        "crop_max": 128,
         "image_size": 32,
         "seed": 0,
     },
@@ -219,6 +241,13 @@ def sample_photos(params: dict[str, Any], inputs: Inputs | None = None) -> Itera
     return _random_crops("sample_photos", images, resolve_params("sample_photos", params))
 
 
+def skimage_scenes(params: dict[str, Any], inputs: Inputs | None = None) -> Iterator[Record]:
+    """Random crops of other scikit-image pictures (the demo's auxiliary outliers)."""
+    _no_inputs("skimage_scenes", inputs)
+    images = {name: _skimage(name) for name in SCENES}
+    return _random_crops("skimage_scenes", images, resolve_params("skimage_scenes", params))
+
+
 def gaussian_noise(params: dict[str, Any], inputs: Inputs | None = None) -> Iterator[Record]:
     """I.i.d. N(mean, std) per pixel and channel, clipped to [0, 1] (far-OOD)."""
     src = "gaussian_noise"
@@ -242,15 +271,28 @@ _DEMO_SOURCES: dict[str, Source] = {
     "sklearn_digits": sklearn_digits,
     "skimage_textures": skimage_textures,
     "sample_photos": sample_photos,
+    "skimage_scenes": skimage_scenes,
     "gaussian_noise": gaussian_noise,
 }
 
 # The registry, merged here and nowhere else.
 if set(_DEMO_SOURCES) & set(real.SOURCES):
     raise RuntimeError(f"sources defined twice: {set(_DEMO_SOURCES) & set(real.SOURCES)}")
-SOURCES: dict[str, Source] = {**_DEMO_SOURCES, **real.SOURCES}
-DEFAULTS: dict[str, dict[str, Any]] = {**_DEMO_DEFAULTS, **real.DEFAULTS}
-INPUTS: dict[str, tuple[str, ...]] = {**dict.fromkeys(_DEMO_SOURCES, ()), **real.INPUTS}
+SOURCES: dict[str, Source] = {
+    **_DEMO_SOURCES,
+    **real.SOURCES,
+    "class_subset": subset.class_subset,
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    **_DEMO_DEFAULTS,
+    **real.DEFAULTS,
+    "class_subset": subset.DEFAULTS,
+}
+INPUTS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(_DEMO_SOURCES, ()),
+    **real.INPUTS,
+    "class_subset": subset.INPUTS,
+}
 if not set(SOURCES) == set(DEFAULTS) == set(INPUTS):
     raise RuntimeError("SOURCES, DEFAULTS and INPUTS name different sources")
 

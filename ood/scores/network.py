@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ood.models.backbones import features_and_logits, load_checkpoint
+from ood.models.backbones import features_and_logits, linear_classifier, load_checkpoint
 from ood.train.loop import select_device, to_model_input
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages for multi-layer features
@@ -88,9 +88,12 @@ class Network:
         return int(self.meta["num_classes"])
 
     @property
-    def classifier(self) -> nn.Module:
-        """The last layer (logits = classifier(penultimate feature))."""
-        return self.model.get_classifier()
+    def classifier(self) -> nn.Linear:
+        """The last layer as an nn.Linear (logits = classifier(penultimate feature)).
+
+        BiT's 1x1-conv classifier comes as a Linear sharing its weights.
+        """
+        return linear_classifier(self.model)
 
     # -- inputs ----------------------------------------------------------------
 

@@ -35,6 +35,8 @@ def read_head(checkpoint: str | os.PathLike) -> Head:
         weight, bias = (blob["model"][f"{prefix}.{part}"] for part in ("weight", "bias"))
     except KeyError as exc:
         raise ValueError(f"{path}: no classifier {exc.args[0]!r} in the checkpoint") from None
+    # BiT's classifier is a 1x1 conv: its (K, D, 1, 1) weight is the (K, D) linear map.
+    weight = weight.reshape(weight.shape[0], -1)
     return Head(weight=weight.double().numpy(), bias=bias.double().numpy())
 
 

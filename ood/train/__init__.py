@@ -14,12 +14,19 @@ METHODS: dict[str, str] = {
     "mode_t": "ood.train.mode:ModeTrain",
     "mode_f": "ood.train.mode:ModeFinetune",
     "oe": "ood.train.oe:OutlierExposure",
+    "oaml": "ood.train.oaml:OutlierAwareMetricLearning",
     "mos": "ood.train.mos:GroupSoftmax",
+    "mood": "ood.train.mood:MaskedImageModeling",
+    "imood": "ood.train.imood:ImbalancedOOD",
 }
 # Methods that train on an auxiliary outlier set (config: methods.<m>.outliers).
-METHOD_OUTLIERS: set[str] = {"oe"}
+METHOD_OUTLIERS: set[str] = {"oe", "oaml", "imood"}
+# Methods that distil from a teacher model (config: methods.<m>.teacher).
+METHOD_TEACHER: set[str] = {"oaml"}
 # Methods whose loss reads the last feature map (ALPA's local features).
 METHOD_SPATIAL: set[str] = {"mode_t", "mode_f"}
+# Methods that mask patch tokens (masked image modeling): a ViT-family backbone.
+METHOD_TOKENS: set[str] = {"mood"}
 # The classifier head a method trains: "flat" (one softmax over the classes) or
 # "group" (MOS group softmax, each group with its "others" class). Decides
 # which scorers apply to the method's models (ood.scores.applies).

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ood.data.manifest import load_images, manifest_sha256
-from ood.io import atomic_path, write_text_atomic
+from ood.io import atomic_path, sha256_file, write_text_atomic
 from ood.models.backbones import build_model, save_checkpoint
 from ood.models.specs import BACKBONES
 from ood.train import get_objective
-from ood.train.objective import Batch
+from ood.train.objective import Batch, TrainContext
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,17 @@ class TrainSettings:
     # On a GPU only: float16 autocast with loss scaling, and channels-last memory layout.
     amp: bool = True
     channels_last: bool = True
+    # sgd (momentum, nesterov as above) or adamw (transformer fine-tuning, e.g. BEiT).
+    optimizer: str = "sgd"
+    # adamw only: per-block lr decay from the head down (BEiT's layer decay), via timm; 1 = off.
+    layer_decay: float = 1.0
+    warmup_epochs: int = 0  # linear warm-up before the cosine schedule
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"training setting optimizer: {self.optimizer!r}; known: sgd, adamw")
+        if self.layer_decay != 1.0 and self.optimizer != "adamw":
+            raise ValueError("training setting layer_decay needs optimizer: adamw")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainSettings:
@@ -128,13 +139,61 @@ def _outlier_inputs(objective, outliers_dir, size: int, settings: TrainSettings)
     return to_model_input(images, settings.mean, settings.std)
 
 
+def make_optimizer(model: nn.Module, extra: nn.Module | None, settings: TrainSettings, steps: int):
+    """Optimiser and per-step schedule (linear warm-up, then cosine) for one phase."""
+    if settings.optimizer == "sgd":
+        params = list(model.parameters()) + (list(extra.parameters()) if extra else [])
+        optimizer = torch.optim.SGD(
+            params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            nesterov=settings.nesterov,
+        )
+    else:
+        from timm.optim import create_optimizer_v2
+
+        # timm groups the parameters (no decay on norms and biases; per-block lr
+        # scales with layer_decay); the scale is applied once here, the schedule
+        # below then multiplies every group alike.
+        optimizer = create_optimizer_v2(
+            model,
+            "adamw",
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            layer_decay=None if settings.layer_decay == 1.0 else settings.layer_decay,
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * group.pop("lr_scale", 1.0)
+        if extra is not None:  # decay matrices, not biases, norms or tokens (as timm does)
+            params = list(extra.parameters())
+            for decay, group in (
+                (settings.weight_decay, [p for p in params if p.ndim > 1]),
+                (0.0, [p for p in params if p.ndim <= 1]),
+            ):
+                if group:
+                    optimizer.add_param_group(
+                        {"params": group, "lr": settings.lr, "weight_decay": decay}
+                    )
+    warmup = min(settings.warmup_epochs * steps // max(settings.epochs, 1), steps - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps - warmup, 1))
+    if warmup <= 0:
+        return optimizer, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [ramp, cosine], milestones=[warmup]
+    )
+
+
 def _settings_digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    # Multi-phase methods (mood) add the phase of each epoch.
+    columns = LOG_COLUMNS + (("phase",) if rows and "phase" in rows[0] else ())
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
@@ -153,12 +212,16 @@ def train(
     threads: int | None = None,
     resume_dir: str | os.PathLike | None = None,
     outliers_dir: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    teacher_backbone: str | None = None,
     stop_after_epoch: int | None = None,  # for tests: simulate a kill after this epoch
 ) -> dict:
     """Train `method` on the train split of a curated dataset; returns the checkpoint meta.
 
     `outliers_dir`: a curated dataset whose images (all splits) are the
-    auxiliary outliers of methods that train on them (oe, ...).
+    auxiliary outliers of methods that train on them (oe, ...). `teacher`: a
+    checkpoint to distil from (oaml): `ood train` output, or a bare state dict of
+    timm backbone `teacher_backbone`.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -183,26 +246,36 @@ def train(
     objective = get_objective(method, settings.method_params)
     outliers = _outlier_inputs(objective, outliers_dir, size, settings)
     outlier_batch = settings.outlier_batch_size or 2 * settings.batch_size
+    if objective.needs_teacher and not teacher:
+        raise ValueError(
+            f"method {method!r} distils from a teacher; give one (config: methods.{method}.teacher)"
+        )
+    if teacher and not objective.needs_teacher:
+        raise ValueError(f"method {method!r} takes no teacher (got {teacher})")
     num_logits = objective.num_outputs(num_classes)
     torch.manual_seed(seed)
     model = build_model(backbone, num_logits, settings.pretrained).to(dev)
-    extra = objective.setup(model, num_classes)
-    trained = nn.ModuleList([model] if extra is None else [model, extra.to(dev)])
+    context = TrainContext(
+        num_classes=num_classes,
+        class_counts=torch.bincount(targets, minlength=num_classes).float(),
+        input_size=size,
+        device=dev,
+        teacher=str(teacher) if teacher else None,
+        teacher_backbone=teacher_backbone,
+    )
+    extra = objective.setup(model, context)
+    if extra is not None:
+        extra.to(dev)
+    trained = nn.ModuleList([model] if extra is None else [model, extra])
     on_gpu = dev.type == "cuda"
     layout = torch.channels_last if on_gpu and settings.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     use_amp = on_gpu and settings.amp
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # a pass-through when disabled
-    optimizer = torch.optim.SGD(
-        trained.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        nesterov=settings.nesterov,
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=settings.epochs * steps_per_epoch
-    )
+    phases = objective.phases(settings)
+    # The epoch each phase starts at, counted over all phases.
+    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
+    total_epochs = sum(p.epochs for p in phases)
     meta = {
         "method": method,
         "backbone": backbone,
@@ -213,35 +286,59 @@ def train(
         "dataset_manifest_sha256": manifest_sha256(dataset_dir),
         "n_train": n,
     }
+    if len(phases) > 1:
+        meta["phases"] = [{"name": p.name, "epochs": p.epochs, "lr": p.settings.lr} for p in phases]
     meta.update(objective.meta())
     if outliers is not None:
         meta["outliers_manifest_sha256"] = manifest_sha256(outliers_dir)
         meta["n_outliers"] = len(outliers)
+    if teacher:
+        meta["teacher_sha256"] = sha256_file(teacher)
     digest = _settings_digest(meta)
+
+    def phase_of(epoch: int) -> int:
+        return max(i for i, begin in enumerate(starts) if begin <= epoch)
+
+    def begin_phase(index: int):
+        phase = phases[index]
+        # Warm-up counts in the phase's own epochs.
+        phase_settings = replace(phase.settings, epochs=phase.epochs)
+        return make_optimizer(model, extra, phase_settings, phase.epochs * steps_per_epoch)
 
     rows: list[dict] = []
     start_epoch = 0
+    state = None
     resume_file = Path(resume_dir) / "last.pt" if resume_dir else None
     if resume_file and resume_file.exists():
         state = torch.load(resume_file, map_location="cpu", weights_only=False)
         if state.get("digest") == digest:
             trained.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             rows, start_epoch = state["rows"], state["epoch"]
             log.info("resuming %s from epoch %d (%s)", method, start_epoch, resume_file)
         else:
             log.info("ignoring %s: written for other settings", resume_file)
+            state = None
+    current = phase_of(min(start_epoch, total_epochs - 1)) if total_epochs else 0
+    optimizer, scheduler = begin_phase(current)
+    # The saved optimiser belongs to the phase of the last finished epoch; at a
+    # phase boundary the next phase starts fresh, as it does uninterrupted.
+    if state is not None and state.get("phase", 0) == current:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
 
     bar = tqdm(
-        total=settings.epochs * steps_per_epoch,
+        total=total_epochs * steps_per_epoch,
         initial=start_epoch * steps_per_epoch,
         desc=f"train {method} seed {seed}",
         file=sys.stderr,
         mininterval=2.0,
     )
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(start_epoch, total_epochs):
+        if phase_of(epoch) != current:
+            current = phase_of(epoch)
+            optimizer, scheduler = begin_phase(current)
+        phase = phases[current]
         trained.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
@@ -249,12 +346,12 @@ def train(
             outlier_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_001)
             outlier_order = torch.randperm(len(outliers), generator=outlier_gen)
         started = time.perf_counter()
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, scored = 0.0, 0, 0
         for step in range(steps_per_epoch):
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
             views = [augment(inputs[idx], settings, gen).to(dev) for _ in range(objective.views)]
             target = targets[idx].to(dev)
-            batch = Batch(views, target)
+            batch = Batch(views, target, epoch=epoch, phase=phase.name, gen=gen)
             if outliers is not None:
                 picks = outlier_order[
                     torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
@@ -270,24 +367,29 @@ def train(
             scaler.update()
             scheduler.step()
             loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == target).sum())
+            if logits is not None:  # e.g. no class scores during masked-image pre-training
+                correct += int((logits.argmax(1) == target).sum())
+                scored += len(idx)
             bar.update(1)
         rows.append(
             {
                 "epoch": epoch + 1,
                 "loss": round(loss_sum / n, 6),
-                "accuracy": round(correct / n, 6),
+                "accuracy": round(correct / scored, 6) if scored else "",
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - started, 3),
             }
         )
-        log.info("epoch %(epoch)d: loss %(loss).4f, train accuracy %(accuracy).4f", rows[-1])
+        if len(phases) > 1:
+            rows[-1]["phase"] = phase.name
+        log.info("epoch %d (%s): loss %.4f", epoch + 1, phase.name, rows[-1]["loss"])
         if resume_file:
             with atomic_path(resume_file) as tmp:
                 torch.save(
                     {
                         "digest": digest,
                         "epoch": epoch + 1,
+                        "phase": current,
                         "rows": rows,
                         "model": trained.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -301,8 +403,10 @@ def train(
             raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} as asked")
     bar.close()
 
-    meta["epochs"] = settings.epochs
-    meta["final_train_accuracy"] = rows[-1]["accuracy"] if rows else None
+    meta["epochs"] = total_epochs
+    meta["final_train_accuracy"] = (
+        rows[-1]["accuracy"] if rows and rows[-1]["accuracy"] != "" else None
+    )
     save_checkpoint(checkpoint_path, model.cpu(), meta)
     _write_log(Path(log_path), rows)
     if resume_file:

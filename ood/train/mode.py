@@ -87,6 +87,6 @@ class ModeTrain(Objective):
 
 class ModeFinetune(ModeTrain):
     name = "mode_f"
-    summary = "ALPA fine-tuning of a pretrained model (train.pretrained)"
+    summary = "ALPA fine-tuning of a trained model (methods.<m>.init or train.pretrained)"
     paper = "MODE, Zhang et al. 2023 (ALPA-finetune)"
     defaults = {**ModeTrain.defaults, "supcon_weight": 0.0}

@@ -23,17 +23,27 @@ from ood.models.backbones import features_and_logits
 from ood.train.objective import Batch, Objective
 
 
-def supcon_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def supcon_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor | None = None
+) -> torch.Tensor:
     """SupCon over a pairwise logit matrix (N, N) (similarity / temperature).
 
     Anchor i's positives are the other entries of its class; the diagonal is
-    left out of both the positives and the denominator.
+    left out of both the positives and the denominator. `anchors` (N,) bool
+    restricts the anchors (rows) to a subset, every entry staying a contrast
+    (PASCL's partial loss); None: every entry is an anchor.
     """
     n = len(logits)
     self_mask = torch.eye(n, dtype=torch.bool, device=logits.device)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    if anchors is not None:
+        if not bool(anchors.any()):
+            raise ValueError("supcon: no anchors selected")
+        # Only the anchor rows are computed: a non-anchor without positives
+        # would give 0/0, and NaN gradients even when left out of the mean.
+        logits, self_mask, positives = logits[anchors], self_mask[anchors], positives[anchors]
     logits = logits.masked_fill(self_mask, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
     count = positives.sum(1)
     if bool((count == 0).any()):
         raise ValueError("supcon: an anchor has no positive (each image needs two views)")

@@ -2,10 +2,16 @@
 import json
 import shlex
 
-from ood.config import load_yaml, to_json, train_settings, validate_config
-from ood.scores import applies, scorer_class
+from ood.config import (
+    load_yaml,
+    method_backbone,
+    scorer_skip_reason,
+    to_json,
+    train_settings,
+    validate_config,
+)
+from ood.scores import scorer_class
 from ood.scores.variants import VARIANT_PATTERN, expand_all
-from ood.train import method_head
 
 if not config:
     # No --configfile given: the embedded demo. (A `configfile:` directive would
@@ -36,13 +42,25 @@ def download_dir(download):
     return f"resources/downloads/{download}"
 
 
+def parent_dataset(dataset):
+    """The curated dataset a `class_subset` dataset selects from, else None."""
+    spec = config["datasets"][dataset]
+    return spec["params"]["of"] if spec["source"] == "class_subset" else None
+
+
 def curate_inputs(w):
+    parent = parent_dataset(w.dataset)
+    if parent:
+        return {"dataset": manifest(parent)}
     roles = config["datasets"][w.dataset].get("inputs", {})
     return {role: download_dir(name) for role, name in roles.items()}
 
 
 def source_dirs(w):
     """Role -> folder a source reads: a `format: dir` download is a link inside its dir."""
+    parent = parent_dataset(w.dataset)
+    if parent:
+        return {"dataset": f"resources/data/{parent}"}
     return {
         role: source_dir(name)
         for role, name in config["datasets"][w.dataset].get("inputs", {}).items()
@@ -91,17 +109,61 @@ def outlier_set(benchmark, method):
     return BENCHMARKS[benchmark]["methods"][method].get("outliers")
 
 
+def method_spec(w):
+    return BENCHMARKS[w.benchmark]["methods"][w.method]
+
+
+def method_model(w, method):
+    """Another method's model of the same benchmark and seed (init, teacher)."""
+    return f"results/models/{w.benchmark}/{method}/seed{w.seed}/model.pt"
+
+
+def method_settings(w):
+    """The training settings of one model; `init` becomes the pretrained path."""
+    settings = train_settings(BENCHMARKS[w.benchmark], w.method)
+    init = method_spec(w).get("init")
+    if init:
+        settings["pretrained"] = method_model(w, init)
+    return settings
+
+
 def train_inputs(w):
     inputs = {"manifest": manifest(BENCHMARKS[w.benchmark]["id_dataset"])}
+    spec = method_spec(w)
     outliers = outlier_set(w.benchmark, w.method)
     if outliers:
         inputs["outliers"] = manifest(outliers)
+    settings = method_settings(w)
+    if settings.get("pretrained"):
+        inputs["pretrained"] = settings["pretrained"]
+    teacher = spec.get("teacher")
+    if teacher:
+        inputs["teacher"] = (
+            method_model(w, teacher)
+            if isinstance(teacher, str)
+            else teacher["checkpoint"]
+        )
+    groups = settings.get("method_params", {}).get("groups")
+    if isinstance(groups, str):  # mos: a class -> group file
+        inputs["groups"] = groups
     return inputs
 
 
-def train_outlier_args(w):
+def train_extra_args(w):
+    """--outliers and --teacher of the methods that take them."""
+    args = []
     outliers = outlier_set(w.benchmark, w.method)
-    return f"--outliers {manifest(outliers)}" if outliers else ""
+    if outliers:
+        args.append(f"--outliers {manifest(outliers)}")
+    teacher = method_spec(w).get("teacher")
+    if isinstance(teacher, str):
+        args.append(f"--teacher {method_model(w, teacher)}")
+    elif teacher:
+        args.append(
+            f"--teacher {shlex.quote(teacher['checkpoint'])}"
+            f" --teacher-backbone {teacher['backbone']}"
+        )
+    return " ".join(args)
 
 
 def model_dir(w):
@@ -148,10 +210,10 @@ def score_dir(benchmark, method, seed, scorer):
 def score_inputs(w):
     bench = BENCHMARKS[w.benchmark]
     name, _ = variant(w)
-    if not applies(name, method_head(w.method)):
+    reason = scorer_skip_reason(BENCHMARKS[w.benchmark], w.method, name)
+    if reason:
         raise ValueError(
-            f"scorer {name!r} does not apply to method {w.method!r} "
-            f"({method_head(w.method)} head); see `ood scorers`"
+            f"scorer {name!r} does not run on method {w.method!r}: it {reason}"
         )
     datasets = benchmark_datasets(w.benchmark)
     inputs = {
@@ -212,9 +274,9 @@ def score_args(w):
 
 def needs_views(benchmark, method):
     """Whether the method's dumps must carry the multi-scale views (csd is configured)."""
-    head = method_head(method)
     return any(
-        "views" in scorer_class(name).needs and applies(name, head)
+        "views" in scorer_class(name).needs
+        and not scorer_skip_reason(BENCHMARKS[benchmark], method, name)
         for name, _ in VARIANTS[benchmark].values()
     )
 
@@ -247,7 +309,7 @@ def score_dirs(b):
         score_dir(b, m, s, v)
         for m, s in models(b)
         for v, (name, _) in VARIANTS[b].items()
-        if applies(name, method_head(m))
+        if not scorer_skip_reason(BENCHMARKS[b], m, name)
     ]
 
 

@@ -26,14 +26,14 @@ rule train:
         # One GPU unless device is cpu (see profiles/local: --resources gpu=N).
         gpu=0 if config["device"] == "cpu" else 1,
     params:
-        backbone=lambda w: BENCHMARKS[w.benchmark]["backbone"],
-        settings=lambda w: to_json(train_settings(BENCHMARKS[w.benchmark], w.method)),
+        backbone=lambda w: method_backbone(BENCHMARKS[w.benchmark], w.method),
+        settings=lambda w: to_json(method_settings(w)),
         resume_dir=lambda w: f"{model_dir(w)}/resume",
-        outliers=train_outlier_args,
+        extra=train_extra_args,
         device=config["device"],
     shell:
         "ood train --manifest {input.manifest} --method {wildcards.method}"
         " --backbone {params.backbone} --settings {params.settings:q} --seed {wildcards.seed}"
         " --out {output.model} --log-csv {output.log_csv} --resume-dir {params.resume_dir}"
-        " {params.outliers}"
+        " {params.extra}"
         " --device {params.device} --threads {threads} 2> {log}"
