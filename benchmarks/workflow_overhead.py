@@ -39,6 +39,8 @@ RULE_ORDER += ["benchmark_table", "tables"]
 # What methods that train on outliers (oe, ...) get in the full matrix: the real
 # configs' auxiliary set (defined in the long-tailed CIFAR configs).
 OUTLIER_SET = "tinyimages_300k"
+TOKEN_BACKBONE = "beit_b16_224"  # mood, where a config gives it no backbone
+GROUPS_FILE = "data/raw/mos_groups.json"  # mos, where a config gives it no groups
 
 
 def real_configs() -> list[Path]:
@@ -60,7 +62,7 @@ def full_matrix(configs: list[Path], methods: list[str], seeds: list[int]) -> di
                 if name in merged[key] and merged[key][name] != spec:
                     raise ValueError(f"{path}: {key}.{name} differs from another config's")
                 merged[key][name] = spec
-    from ood.train import method_needs_outliers
+    from ood.train import METHOD_TEACHER, METHOD_TOKENS, method_needs_outliers
 
     if any(method_needs_outliers(m) for m in methods) and OUTLIER_SET not in merged["datasets"]:
         raise ValueError(f"no config defines the outlier set {OUTLIER_SET!r}")
@@ -69,8 +71,27 @@ def full_matrix(configs: list[Path], methods: list[str], seeds: list[int]) -> di
         for method, spec in bench["methods"].items():
             if method_needs_outliers(method):
                 spec.setdefault("outliers", OUTLIER_SET)
+            # What a method cannot run without, where its benchmark's config has none.
+            if method in METHOD_TEACHER:
+                spec.setdefault("teacher", "ce")
+            if method in METHOD_TOKENS:
+                spec.setdefault("backbone", TOKEN_BACKBONE)
+            if method == "mos":
+                spec.setdefault("train", {}).setdefault("method_params", {}).setdefault(
+                    "groups", GROUPS_FILE
+                )
         bench["seeds"] = seeds
     return merged
+
+
+def provide_user_files(workdir: Path, config: dict) -> None:
+    """Empty stand-ins for the weights and group files the configs point at."""
+    from ood.config import user_files
+
+    for bench in config["benchmarks"].values():
+        for path in user_files(bench):
+            (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / path).touch()
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -147,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             src = ROOT / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
         (work / "config/full.yaml").write_text(yaml.safe_dump(config))
+        provide_user_files(work, config)
         base.mkdir()
         (base / "Snakefile").write_text('rule one:\n    output: "x"\n    shell: "touch {output}"\n')
 

@@ -151,7 +151,7 @@ def method_backbone(bench: dict, method: str) -> str:
 
 def check_methods(where: str, bench: dict, used: dict, datasets: dict) -> None:
     from ood.models.specs import BACKBONES
-    from ood.train import METHOD_SPATIAL, METHOD_TEACHER, METHOD_TOKENS, METHODS
+    from ood.train import METHOD_PARAMS, METHOD_SPATIAL, METHOD_TEACHER, METHOD_TOKENS, METHODS
 
     methods = bench["methods"]
     for method, spec in methods.items():
@@ -161,6 +161,14 @@ def check_methods(where: str, bench: dict, used: dict, datasets: dict) -> None:
                 f"{where}.methods: unknown method {method!r}; known: {', '.join(METHODS)}"
             )
         check_outliers(at, method, spec, used, datasets)
+        given = train_settings(bench, method).get("method_params", {})
+        unknown = sorted(set(given) - set(METHOD_PARAMS[method]))
+        if unknown:
+            known = ", ".join(METHOD_PARAMS[method]) or "none"
+            raise ConfigError(
+                f"{at}.train.method_params: unknown parameter(s) {', '.join(unknown)} "
+                f"of method {method!r}; known: {known}"
+            )
         backbone = method_backbone(bench, method)
         key = f"{at}.backbone" if spec.get("backbone") else f"{where}.backbone"
         if backbone not in BACKBONES:
@@ -210,6 +218,23 @@ def check_methods(where: str, bench: dict, used: dict, datasets: dict) -> None:
             if reason:
                 raise ConfigError(f"{at}.scorers: {scorer!r} {reason}")
     _check_acyclic(where, methods)
+
+
+def user_files(bench: dict) -> list[str]:
+    """Files a user provides for a benchmark's training: pretrained weights, teacher
+    checkpoints, group files (inputs of the train jobs)."""
+    files = []
+    for method, spec in bench["methods"].items():
+        settings = train_settings(bench, method)
+        teacher = spec.get("teacher")
+        for path in (
+            settings.get("pretrained"),
+            settings.get("method_params", {}).get("groups"),
+            teacher["checkpoint"] if isinstance(teacher, dict) else None,
+        ):
+            if isinstance(path, str) and path not in files:
+                files.append(path)
+    return files
 
 
 def model_dependencies(spec: dict) -> list[str]:

@@ -16,7 +16,7 @@ from ood.io import FeatureSet, sha256_file, write_features
 from ood.models.backbones import N_VIEWS, features_and_logits, load_checkpoint
 from ood.models.specs import BACKBONES
 from ood.scores.base import GROUPS_KEY, VIEWS
-from ood.train.loop import select_device, to_model_input
+from ood.train.loop import input_size_for, select_device, to_model_input
 
 
 def extract(
@@ -47,11 +47,7 @@ def extract(
     model.to(dev)
     images, labels, index = load_images(dataset_dir, split=split)
     size = BACKBONES[meta["backbone"]].input_size
-    if images.shape[1:3] != (size, size):
-        raise ValueError(
-            f"{dataset_dir}: images are {images.shape[1]}x{images.shape[2]}, "
-            f"model {checkpoint} expects {size}x{size}"
-        )
+    upsample = input_size_for(images.shape, size, f"{dataset_dir} (model {checkpoint})")
     mean, std = meta["settings"]["mean"], meta["settings"]["std"]
 
     features, logits, view_rows = [], [], []
@@ -62,7 +58,8 @@ def extract(
             file=sys.stderr,
             mininterval=2.0,
         ):
-            batch = to_model_input(images[start : start + batch_size], mean, std).to(dev)
+            batch = to_model_input(images[start : start + batch_size], mean, std, upsample)
+            batch = batch.to(dev)
             out = features_and_logits(model, batch, views=views)
             features.append(out[0].float().cpu().numpy())
             logits.append(out[1].float().cpu().numpy())

@@ -347,6 +347,12 @@ def test_file_without_state_dict_is_an_error(tmp_path):
     torch.save({"epoch": 3, "args": [1, 2]}, path)
     with pytest.raises(ValueError, match=re.escape(f"{path}: not a state dict")):
         build_model("beit_tiny_32", 3, checkpoint=str(path))
+    text = tmp_path / "notes.pt"
+    text.write_text("not a torch file")
+    with pytest.raises(ValueError, match=re.escape(f"{text}: cannot read a state dict")):
+        build_model("vit_tiny_32", 3, checkpoint=str(text))
+    with pytest.raises(FileNotFoundError):
+        build_model("vit_tiny_32", 3, checkpoint=str(tmp_path / "missing.pt"))
 
 
 # -- BiT's official .npz ------------------------------------------------------------------
@@ -438,23 +444,28 @@ def test_gradnorm_on_bit_conv_head(built):
     """BiT's classifier is a 1x1 conv: gradnorm differentiates the (K, D) view of it."""
     model = built("bit_s_r101x1")
     meta = {"backbone": "bit_s_r101x1", "num_classes": NUM_CLASSES, "settings": SETTINGS}
-    net = Network(model, meta, device="cpu", batch_size=4)
+    net = Network(model, meta, device="cpu", batch_size=2)
     linear = net.classifier
     assert isinstance(linear, nn.Linear)
     assert linear.weight.data_ptr() == model.head.fc.weight.data_ptr()  # shared, not copied
-    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    with torch.no_grad():
+        feature, logits = features_and_logits(model, net.inputs(images))
+    data = FeatureSet(
+        index=np.arange(2),
+        label=np.zeros(2, np.int64),
+        logits=logits.numpy(),
+        feature=feature.numpy(),
+    )
     got = get_scorer("gradnorm", {"temperature": 1.0}).score(
-        extract_rows(model, images), Extras(network=net, images=images)
+        data, Extras(network=net, images=images)
     )
     # Independently: autograd of the loss w.r.t. the conv weight itself, per image.
     expected = []
-    for image in images:
+    for row in feature:
         weight = model.head.fc.weight.detach().clone().requires_grad_(True)
-        with torch.no_grad():
-            pooled = model.forward_features(to_model_input(image[None], **SETTINGS))
-            pooled = pooled.mean(dim=(2, 3), keepdim=True)
-        logits = torch.nn.functional.conv2d(pooled, weight, model.head.fc.bias).flatten(1)
-        (-torch.log_softmax(logits, dim=1).mean()).backward()
+        out = torch.nn.functional.conv2d(row.view(1, -1, 1, 1), weight, model.head.fc.bias)
+        (-torch.log_softmax(out.flatten(1), dim=1).mean()).backward()
         expected.append(float(weight.grad.abs().sum()))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 

@@ -173,6 +173,11 @@ def bench(config: dict) -> dict:
             r"methods\.oaml\.teacher\.backbone: unknown backbone 'vit'",
         ),
         (
+            lambda c: bench(c)["methods"].update(supcon={"train": {"method_params": {"tau": 1}}}),
+            r"benchmarks\.tiny\.methods\.supcon\.train\.method_params: unknown parameter\(s\) "
+            r"tau of method 'supcon'; known: temperature, feature_dim, ce_weight",
+        ),
+        (
             lambda c: bench(c)["methods"]["ce"].update(scorers=["nope"]),
             r"methods\.ce\.scorers: 'nope' is not one of the benchmark's scorers",
         ),
@@ -286,6 +291,7 @@ def test_scorer_applies_to_some_methods_only(monkeypatch):
 
     monkeypatch.setitem(train.METHODS, "groupy", "ood.train.ce:CrossEntropy")
     monkeypatch.setitem(train.METHOD_HEADS, "groupy", "group")
+    monkeypatch.setitem(train.METHOD_PARAMS, "groupy", ())
     config = copy.deepcopy(TINY)
     bench(config)["methods"]["groupy"] = {}
     bench(config)["scorers"]["mos"] = {}

@@ -194,11 +194,42 @@ def test_missing_checkpoint_names_the_path(tiny_digits, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_wrong_image_size_names_the_dataset(tiny_model, tiny_digits_16, tmp_path):
+def test_smaller_images_are_upsampled_to_the_backbone(tiny_model, tiny_digits_16, tmp_path):
+    """16x16 images reach a 32x32 backbone upsampled bilinearly, as MOOD feeds CIFAR
+    to a 224x224 BEiT; checked against upsampling by hand (torch's own
+    interpolate on the PNG pixels, then the forward pass)."""
     out = tmp_path / "dump.parquet"
-    with pytest.raises(ValueError, match=re.escape(f"{tiny_digits_16}: images are 16x16")):
-        extract(tiny_model.checkpoint, tiny_digits_16, "test", out, role="id", device="cpu")
-    assert list(tmp_path.iterdir()) == []
+    extract(tiny_model.checkpoint, tiny_digits_16, "test", out, role="id", device="cpu")
+    model, meta = load_checkpoint(tiny_model.checkpoint)
+    rows = manifest_rows(tiny_digits_16, "test")
+    pixels = []
+    for _, path, _ in rows:
+        with Image.open(tiny_digits_16 / path) as image:
+            pixels.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    mean = np.array(meta["settings"]["mean"], dtype=np.float32)
+    std = np.array(meta["settings"]["std"], dtype=np.float32)
+    x = torch.from_numpy(((np.stack(pixels) - mean) / std).transpose(0, 3, 1, 2).copy())
+    assert x.shape[-1] == 16
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        features = model.forward_features(x).mean(dim=(2, 3))
+    np.testing.assert_allclose(read_dump(out)[1]["feature"], features.numpy(), atol=1e-4)
+
+
+def test_larger_images_name_the_dataset(tiny_model, tmp_path):
+    from ood.data.curate import curate
+
+    big = tmp_path / "digits_48"
+    spec = {
+        "source": "sklearn_digits",
+        "params": {"classes": [0, 1], "image_size": 48, "max_per_class": 3},
+    }
+    curate("digits_48", spec, big)
+    out = tmp_path / "dump.parquet"
+    with pytest.raises(ValueError, match=re.escape(f"{big} (model ")) as err:
+        extract(tiny_model.checkpoint, big, "test", out, role="id", device="cpu")
+    assert "images are 48x48, the backbone takes 32x32" in str(err.value)
+    assert not out.exists()
 
 
 def test_failure_during_extraction_leaves_no_output(tiny_model, tmp_path, monkeypatch):

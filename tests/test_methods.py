@@ -69,6 +69,14 @@ def test_registry_agrees_with_the_objectives(capsys):
     assert "outliers: auxiliary outlier set" in out
 
 
+def test_parse_time_parameter_names_are_the_objectives():
+    from ood.train import METHOD_PARAMS
+
+    assert set(METHOD_PARAMS) == set(METHODS)
+    for name in METHODS:
+        assert METHOD_PARAMS[name] == tuple(objective_class(name).defaults), name
+
+
 def test_readme_methods_table_is_the_registry():
     from ood.train.methods import describe_markdown
 

@@ -297,12 +297,22 @@ def test_pretrained_weights_for_another_architecture_are_an_error(tmp_path):
         build_model(BACKBONE, num_classes=3, checkpoint=str(path))
 
 
-def test_wrong_image_size_names_the_dataset(tiny_digits_16, tmp_path):
-    with pytest.raises(ValueError, match=re.escape(f"{tiny_digits_16}: images are 16x16")) as err:
-        run(tiny_digits_16, tmp_path)
-    assert "expects 32x32" in str(err.value)
-    assert not (tmp_path / "model.pt").exists()
-    assert not (tmp_path / "train_log.csv").exists()
+def test_smaller_images_train_upsampled_larger_ones_are_refused(tiny_digits_16, tmp_path):
+    meta = run(tiny_digits_16, tmp_path / "small", epochs=1)
+    assert meta["n_train"] == 12 and (tmp_path / "small/model.pt").exists()
+    from ood.data.curate import curate
+
+    big = tmp_path / "digits_48"
+    spec = {
+        "source": "sklearn_digits",
+        "params": {"classes": [0, 1], "image_size": 48, "max_per_class": 3},
+    }
+    curate("digits_48", spec, big)
+    with pytest.raises(ValueError, match=re.escape(f"{big} (backbone ")) as err:
+        run(big, tmp_path / "big")
+    assert "images are 48x48, the backbone takes 32x32" in str(err.value)
+    assert not (tmp_path / "big/model.pt").exists()
+    assert not (tmp_path / "big/train_log.csv").exists()
 
 
 def test_gpu_only_settings_leave_a_cpu_run_unchanged(tiny_digits, reference, tmp_path):

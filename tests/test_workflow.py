@@ -261,24 +261,16 @@ def needs_train_dump(bench: dict, method: str) -> bool:
 )
 def test_real_benchmark_configs_plan(tmp_path, name):
     """`snakemake -n --configfile config/<name>.yaml` plans every stage; counts from the config."""
-    from ood.config import scorer_skip_reason, validate_config
+    from ood.config import scorer_skip_reason, user_files, validate_config
 
     workdir = copy_workflow(tmp_path)
     config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
     validate_config(config, str(REPO / "workflow/schemas/config.schema.yaml"))  # defaults
     (bench,) = config["benchmarks"].values()
     # Weights and group files a user provides: stand-ins, so that the plan is complete.
-    for spec in bench["methods"].values():
-        train = spec.get("train", {})
-        teacher = spec.get("teacher")
-        for path in (
-            train.get("pretrained"),
-            train.get("method_params", {}).get("groups"),
-            teacher["checkpoint"] if isinstance(teacher, dict) else None,
-        ):
-            if path:
-                (workdir / path).parent.mkdir(parents=True, exist_ok=True)
-                (workdir / path).touch()
+    for path in user_files(bench):
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).touch()
     result = snakemake(
         workdir, "results/tables/all.csv", "-n", "--configfile", f"config/{name}.yaml"
     )

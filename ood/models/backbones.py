@@ -55,7 +55,7 @@ def build_model(backbone: str, num_classes: int, checkpoint: str | None = None) 
     return model
 
 
-def _unwrap(blob: object, checkpoint: str) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(blob: object, checkpoint: str) -> dict[str, torch.Tensor]:
     """The state dict of a checkpoint file: bare, or under "model" / "state_dict"."""
     if isinstance(blob, dict):
         for key in ("model", "state_dict"):
@@ -73,9 +73,11 @@ def _unwrap(blob: object, checkpoint: str) -> dict[str, torch.Tensor]:
 def _load_state(model: nn.Module, backbone: str, spec: BackboneSpec, checkpoint: str) -> None:
     try:
         blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except Exception as exc:  # pickle errors, not a torch file, ...
         raise ValueError(f"{checkpoint}: cannot read a state dict ({exc})") from None
-    state = _unwrap(blob, checkpoint)
+    state = unwrap_state_dict(blob, checkpoint)
     # The family's converter from official layouts (timm's own layout passes unchanged):
     # e.g. resampling position embeddings or patch kernels to the model's size.
     convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)

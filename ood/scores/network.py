@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ood.models.backbones import features_and_logits, linear_classifier, load_checkpoint
-from ood.train.loop import select_device, to_model_input
+from ood.models.specs import BACKBONES
+from ood.train.loop import input_size_for, select_device, to_model_input
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages for multi-layer features
 STEM = ("conv1", "bn1", "act1", "maxpool")  # what timm's ResNet runs before layer1
@@ -99,7 +100,10 @@ class Network:
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) on the device."""
-        return to_model_input(np.ascontiguousarray(images), self.mean, self.std).to(self.device)
+        size = BACKBONES[self.meta["backbone"]].input_size
+        upsample = input_size_for(images.shape, size, f"model {self.meta['backbone']!r}")
+        x = to_model_input(np.ascontiguousarray(images), self.mean, self.std, upsample)
+        return x.to(self.device)
 
     def batches(self, images: np.ndarray, desc: str) -> Iterator[tuple[slice, torch.Tensor]]:
         """(rows, normalised input) per batch of `batch_size` images, with a progress bar."""

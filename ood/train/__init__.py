@@ -19,6 +19,51 @@ METHODS: dict[str, str] = {
     "mood": "ood.train.mood:MaskedImageModeling",
     "imood": "ood.train.imood:ImbalancedOOD",
 }
+# Each method's parameter names (train.method_params), so that the config check
+# at parse time catches a misspelt one without importing torch; the values are
+# checked by the objective itself. A test keeps these equal to the defaults.
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "ce": (),
+    "supcon": ("temperature", "feature_dim", "ce_weight"),
+    "mode_t": (
+        "temperature",
+        "feature_dim",
+        "supcon_weight",
+        "alpa_weight",
+        "alpa_inverse_temperature",
+        "width",
+        "ce_weight",
+    ),
+    "mode_f": (
+        "temperature",
+        "feature_dim",
+        "supcon_weight",
+        "alpa_weight",
+        "alpa_inverse_temperature",
+        "width",
+        "ce_weight",
+    ),
+    "oe": ("weight",),
+    "oaml": (
+        "kd_logit",
+        "kd_feature",
+        "club_id_ood",
+        "club_ood_class",
+        "kd_temperature",
+        "structure_temperature",
+        "club_hidden",
+    ),
+    "mos": ("groups",),
+    "mood": ("mim_epochs", "mim_warmup_epochs", "mask_ratio", "mim_lr", "mim_weight_decay"),
+    "imood": (
+        "logit_adjust",
+        "reg_weight",
+        "pascl_weight",
+        "temperature",
+        "tail_fraction",
+        "feature_dim",
+    ),
+}
 # Methods that train on an auxiliary outlier set (config: methods.<m>.outliers).
 METHOD_OUTLIERS: set[str] = {"oe", "oaml", "imood"}
 # Methods that distil from a teacher model (config: methods.<m>.teacher).

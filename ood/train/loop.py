@@ -93,12 +93,37 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 NHWC -> normalised float32 NCHW."""
+def to_model_input(
+    images: np.ndarray | torch.Tensor, mean, std, size: int | None = None
+) -> torch.Tensor:
+    """uint8 NHWC -> normalised float32 NCHW; upsampled to `size` x `size` if given."""
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return resize_input((x - mean_t) / std_t, size)
+
+
+def resize_input(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Bilinear upsampling of a (N, C, H, W) batch to size x size (None: unchanged)."""
+    if size is None or x.shape[-2:] == (size, size):
+        return x
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def input_size_for(shape: tuple[int, ...], size: int, where: str) -> int | None:
+    """The size to upsample images of `shape` (N, H, W, 3) to for a backbone taking
+    size x size: None when they fit already. Smaller square images are upsampled
+    per batch (as MOOD feeds 32x32 CIFAR to a 224x224 BEiT); larger or
+    non-square ones are an error: curate them at the backbone's size."""
+    height, width = shape[1], shape[2]
+    if (height, width) == (size, size):
+        return None
+    if height == width and height < size:
+        return size
+    raise ValueError(
+        f"{where}: images are {height}x{width}, the backbone takes {size}x{size}; "
+        "only smaller square images are upsampled"
+    )
 
 
 def augment(batch: torch.Tensor, settings: TrainSettings, gen: torch.Generator) -> torch.Tensor:
@@ -134,7 +159,7 @@ def _outlier_inputs(objective, outliers_dir, size: int, settings: TrainSettings)
     if images.shape[1:3] != (size, size):
         raise ValueError(
             f"{outliers_dir}: outlier images are {images.shape[1]}x{images.shape[2]}, "
-            f"the backbone expects {size}x{size}"
+            f"the ID images {size}x{size}; curate them at the same size"
         )
     return to_model_input(images, settings.mean, settings.std)
 
@@ -233,18 +258,14 @@ def train(
     images, labels, _ = load_images(dataset_dir, split="train")
     num_classes = int(labels.max()) + 1
     size = BACKBONES[backbone].input_size
-    if images.shape[1:3] != (size, size):
-        raise ValueError(
-            f"{dataset_dir}: images are {images.shape[1]}x{images.shape[2]}, "
-            f"backbone {backbone!r} expects {size}x{size}"
-        )
-    inputs = to_model_input(images, settings.mean, settings.std)
+    upsample = input_size_for(images.shape, size, f"{dataset_dir} (backbone {backbone!r})")
+    inputs = to_model_input(images, settings.mean, settings.std)  # augmented at their own size
     targets = torch.as_tensor(labels)
     n = len(targets)
     steps_per_epoch = (n + settings.batch_size - 1) // settings.batch_size
 
     objective = get_objective(method, settings.method_params)
-    outliers = _outlier_inputs(objective, outliers_dir, size, settings)
+    outliers = _outlier_inputs(objective, outliers_dir, images.shape[1], settings)
     outlier_batch = settings.outlier_batch_size or 2 * settings.batch_size
     if objective.needs_teacher and not teacher:
         raise ValueError(
@@ -349,14 +370,19 @@ def train(
         loss_sum, correct, scored = 0.0, 0, 0
         for step in range(steps_per_epoch):
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            views = [augment(inputs[idx], settings, gen).to(dev) for _ in range(objective.views)]
+            views = [
+                resize_input(augment(inputs[idx], settings, gen), upsample).to(dev)
+                for _ in range(objective.views)
+            ]
             target = targets[idx].to(dev)
             batch = Batch(views, target, epoch=epoch, phase=phase.name, gen=gen)
             if outliers is not None:
                 picks = outlier_order[
                     torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
                 ]
-                batch.outliers = augment(outliers[picks], settings, outlier_gen).to(dev)
+                batch.outliers = resize_input(
+                    augment(outliers[picks], settings, outlier_gen), upsample
+                ).to(dev)
             if on_gpu:
                 batch.views = [v.contiguous(memory_format=layout) for v in batch.views]
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ood.models.backbones import classify
 from ood.train.objective import Batch, Objective
 from ood.train.supcon import mlp, supcon_from_logits, supcon_loss
 
@@ -81,7 +82,7 @@ class ModeTrain(Objective):
             loss = loss + self.params["supcon_weight"] * supcon_loss(
                 z, labels, self.params["temperature"]
             )
-        logits = model.get_classifier()(feature[:size].detach())
+        logits = classify(model, feature[:size].detach())
         return loss + self.params["ce_weight"] * F.cross_entropy(logits, batch.labels), logits
 
 

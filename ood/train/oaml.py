@@ -48,7 +48,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from ood.models.backbones import _unwrap, build_model, features_and_logits, load_checkpoint
+from ood.models.backbones import (
+    build_model,
+    features_and_logits,
+    load_checkpoint,
+    unwrap_state_dict,
+)
 from ood.models.specs import BACKBONES
 from ood.train.objective import Batch, Objective, TrainContext
 
@@ -199,7 +204,7 @@ def load_teacher(path: str, backbone: str | None, num_classes: int) -> tuple[nn.
         if blob is None:
             classes = _npz_head_classes(path)
         else:
-            state = _unwrap(blob, path)
+            state = unwrap_state_dict(blob, path)
             classes = int(state[key].shape[0]) if key in state else None
         if classes is None:
             raise ValueError(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ood.models.backbones import features_and_logits
+from ood.models.backbones import classify, features_and_logits
 from ood.train.objective import Batch, Objective
 
 
@@ -80,6 +80,6 @@ class SupCon(Objective):
         feature, _ = features_and_logits(model, images)
         z = F.normalize(projector(feature), dim=1)
         contrastive = supcon_loss(z, batch.labels.repeat(2), self.params["temperature"])
-        logits = model.get_classifier()(feature[:size].detach())
+        logits = classify(model, feature[:size].detach())
         probe = F.cross_entropy(logits, batch.labels)
         return contrastive + self.params["ce_weight"] * probe, logits
