@@ -178,3 +178,14 @@ def test_a_methods_scorers_list_limits_its_score_jobs(dependent_methods):
     assert counts["score"] == len(VARIANTS) + 2 + 2
     # oaml's scorers fit nothing: no train-split dump is planned for it.
     assert not any(p.startswith("results/features/tiny/oaml/seed0/train/") for p in outputs)
+
+
+def test_all_csv_is_never_tried_as_a_benchmark_table(two_benchmarks):
+    """results/tables/all.csv matches benchmark_table's pattern too; the wildcard
+    constraint keeps Snakemake from evaluating it with benchmark=all (which used to
+    print a KeyError while building the DAG)."""
+    result = snakemake(
+        two_benchmarks, "results/tables/all.csv", "-n", "--configfile", "config/two.yaml"
+    )
+    assert "InputFunctionException" not in result.stdout + result.stderr
+    assert planned_jobs(result.stdout)["tables"] == 1
