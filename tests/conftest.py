@@ -83,3 +83,13 @@ def run(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     result = snakemake(workdir, "results/tables/all.csv", "--configfile", "config/tiny.yaml")
     return workdir, result
+
+
+@pytest.fixture(scope="session")
+def noise_outliers(tmp_path_factory):
+    """20 Gaussian-noise images at 32x32: a tiny auxiliary outlier set."""
+    from ood.data.curate import curate
+
+    out = tmp_path_factory.mktemp("outliers") / "noise"
+    curate("noise", {"source": "gaussian_noise", "params": {"n": 20, "seed": 5}}, out)
+    return out

@@ -33,16 +33,6 @@ LT_TRAIN = [6, 3, 1]  # train images per class of the long-tailed tiny digits
 
 
 @pytest.fixture(scope="module")
-def noise_outliers(tmp_path_factory):
-    """20 Gaussian-noise images at 32x32: a tiny auxiliary outlier set."""
-    from ood.data.curate import curate
-
-    out = tmp_path_factory.mktemp("outliers") / "noise"
-    curate("noise", {"source": "gaussian_noise", "params": {"n": 20, "seed": 5}}, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def lt_digits(tmp_path_factory):
     """Digits 0, 1, 2 with 6 / 3 / 1 train images (the first of each class), all test rows."""
     from ood.data.curate import curate

@@ -34,16 +34,6 @@ SMALL = {"club_hidden": 16}
 
 
 @pytest.fixture(scope="module")
-def noise_outliers(tmp_path_factory):
-    """20 Gaussian-noise images at 32x32: a tiny auxiliary outlier set."""
-    from ood.data.curate import curate
-
-    out = tmp_path_factory.mktemp("outliers") / "noise"
-    curate("noise", {"source": "gaussian_noise", "params": {"n": 20, "seed": 5}}, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def teacher_checkpoint(tiny_digits, tmp_path_factory):
     """An `ood train` ce checkpoint of the tiny ViT on tiny_digits (3 classes)."""
     out = tmp_path_factory.mktemp("teacher")

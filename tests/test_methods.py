@@ -25,16 +25,6 @@ from ood.train.supcon import supcon_from_logits, supcon_loss
 SETTINGS = {"epochs": 2, "batch_size": 8, "lr": 0.02, "crop_padding": 2, "hflip": True}
 
 
-@pytest.fixture(scope="module")
-def noise_outliers(tmp_path_factory):
-    """20 Gaussian-noise images at 32x32: a tiny auxiliary outlier set."""
-    from ood.data.curate import curate
-
-    out = tmp_path_factory.mktemp("outliers") / "noise"
-    curate("noise", {"source": "gaussian_noise", "params": {"n": 20, "seed": 5}}, out)
-    return out
-
-
 def run(dataset, out, method, *, outliers=None, stop_after_epoch=None, resume=True, **params):
     settings = TrainSettings.from_dict({**SETTINGS, "method_params": params})
     return train(

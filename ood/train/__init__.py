@@ -22,27 +22,20 @@ METHODS: dict[str, str] = {
 # Each method's parameter names (train.method_params), so that the config check
 # at parse time catches a misspelt one without importing torch; the values are
 # checked by the objective itself. A test keeps these equal to the defaults.
+_ALPA_PARAMS = (
+    "temperature",
+    "feature_dim",
+    "supcon_weight",
+    "alpa_weight",
+    "alpa_inverse_temperature",
+    "width",
+    "ce_weight",
+)
 METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "ce": (),
     "supcon": ("temperature", "feature_dim", "ce_weight"),
-    "mode_t": (
-        "temperature",
-        "feature_dim",
-        "supcon_weight",
-        "alpa_weight",
-        "alpa_inverse_temperature",
-        "width",
-        "ce_weight",
-    ),
-    "mode_f": (
-        "temperature",
-        "feature_dim",
-        "supcon_weight",
-        "alpa_weight",
-        "alpa_inverse_temperature",
-        "width",
-        "ce_weight",
-    ),
+    "mode_t": _ALPA_PARAMS,
+    "mode_f": _ALPA_PARAMS,
     "oe": ("weight",),
     "oaml": (
         "kd_logit",
