@@ -71,6 +71,9 @@ stop_all() {
         done
         sleep 1
         for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+        # Job steps of an interrupted run outlive slurmd (Snakemake inside a job
+        # ignores SIGTERM); only this test's cluster runs here (see the config check).
+        pkill -KILL -x slurmstepd 2>/dev/null
     fi
     rm -f "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"
     if [[ $rc -eq 0 && -z ${SLURM_TEST_KEEP:-} && -z ${SLURM_TEST_DIR:-} ]]; then
