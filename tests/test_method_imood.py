@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_train import BACKBONE, assert_same_weights
+from test_train import BACKBONE, assert_same_weights, train_into
 from torch.nn import functional as F
 
 from ood.models.backbones import features_and_logits
@@ -23,7 +23,7 @@ from ood.train.imood import (
     prior_adjusted_score,
     tail_classes,
 )
-from ood.train.loop import TrainSettings, train
+from ood.train.loop import TrainSettings
 from ood.train.objective import Batch, TrainContext
 from ood.train.supcon import supcon_from_logits
 
@@ -58,16 +58,11 @@ def lt_digits(tmp_path_factory):
 
 def run(dataset, out, *, outliers, stop_after_epoch=None, resume=True, epochs=2, **params):
     settings = TrainSettings.from_dict({**SETTINGS, "epochs": epochs, "method_params": params})
-    return train(
+    return train_into(
         dataset,
-        out / "model.pt",
-        out / "train_log.csv",
-        method="imood",
-        backbone=BACKBONE,
-        settings=settings,
-        seed=0,
-        device="cpu",
-        threads=1,
+        out,
+        "imood",
+        settings,
         resume_dir=out / "resume" if resume else None,
         outliers_dir=outliers,
         stop_after_epoch=stop_after_epoch,

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import assert_same_weights, read_log, state_dict, without_seconds
+from test_train import assert_same_weights, read_log, state_dict, train_into, without_seconds
 from torch.nn import functional as F
 
 from ood.models.backbones import build_model
 from ood.train import get_objective
-from ood.train.loop import TrainSettings, train
+from ood.train.loop import TrainSettings
 from ood.train.mood import (
     encode,
     masked_count,
@@ -48,16 +48,12 @@ def run(dataset, out, *, backbone=BEIT, stop_after_epoch=None, resume=True, **pa
     settings = TrainSettings.from_dict(
         {**SETTINGS, "method_params": {"mim_epochs": MIM_EPOCHS, **params}}
     )
-    return train(
+    return train_into(
         dataset,
-        out / "model.pt",
-        out / "train_log.csv",
-        method="mood",
+        out,
+        "mood",
+        settings,
         backbone=backbone,
-        settings=settings,
-        seed=0,
-        device="cpu",
-        threads=1,
         resume_dir=out / "resume" if resume else None,
         stop_after_epoch=stop_after_epoch,
     )

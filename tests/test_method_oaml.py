@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_train import BACKBONE, assert_same_weights, state_dict
+from test_train import BACKBONE, assert_same_weights, state_dict, train_into
 from torch.nn import functional as F
 
 from ood.models.backbones import build_model, features_and_logits, load_checkpoint
@@ -354,16 +354,11 @@ def test_a_teacher_of_another_input_size_sees_the_batch_resized(tmp_path, monkey
 
 def run(dataset, out, outliers, teacher, *, stop_after_epoch=None, resume=True):
     settings = TrainSettings.from_dict({**SETTINGS, "method_params": SMALL})
-    return train(
+    return train_into(
         dataset,
-        out / "model.pt",
-        out / "train_log.csv",
-        method="oaml",
-        backbone=BACKBONE,
-        settings=settings,
-        seed=0,
-        device="cpu",
-        threads=1,
+        out,
+        "oaml",
+        settings,
         resume_dir=out / "resume" if resume else None,
         outliers_dir=outliers,
         teacher=teacher,

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import BACKBONE, assert_same_weights, state_dict
+from test_train import BACKBONE, assert_same_weights, state_dict, train_into
 from torch import nn
 from torch.nn import functional as F
 
 from ood.cli import main
 from ood.train import METHOD_OUTLIERS, METHODS, get_objective, objective_class
-from ood.train.loop import TrainSettings, train
+from ood.train.loop import TrainSettings
 from ood.train.mode import alpa_similarity
 from ood.train.objective import Batch, TrainContext
 from ood.train.oe import uniform_cross_entropy
@@ -27,16 +27,11 @@ SETTINGS = {"epochs": 2, "batch_size": 8, "lr": 0.02, "crop_padding": 2, "hflip"
 
 def run(dataset, out, method, *, outliers=None, stop_after_epoch=None, resume=True, **params):
     settings = TrainSettings.from_dict({**SETTINGS, "method_params": params})
-    return train(
+    return train_into(
         dataset,
-        out / "model.pt",
-        out / "train_log.csv",
-        method=method,
-        backbone=BACKBONE,
-        settings=settings,
-        seed=0,
-        device="cpu",
-        threads=1,
+        out,
+        method,
+        settings,
         resume_dir=out / "resume" if resume else None,
         outliers_dir=outliers,
         stop_after_epoch=stop_after_epoch,

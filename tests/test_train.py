@@ -27,19 +27,32 @@ BACKBONE = "resnet18_32_pool"
 AUG = {"epochs": 3, "batch_size": 8, "lr": 0.02, "crop_padding": 2, "hflip": True}
 
 
-def run(dataset, out, *, seed=0, resume_dir=None, stop_after_epoch=None, **overrides):
-    """Train into `out`/model.pt and `out`/train_log.csv; return the checkpoint meta."""
-    settings = TrainSettings.from_dict({**AUG, **overrides})
+def train_into(dataset, out, method, settings, *, backbone=BACKBONE, seed=0, **kwargs):
+    """Train `method` on CPU with one thread into `out`/model.pt and `out`/train_log.csv;
+    return the checkpoint meta. `kwargs` go to `train` (resume_dir, outliers_dir, ...)."""
     return train(
         dataset,
         out / "model.pt",
         out / "train_log.csv",
-        method="ce",
-        backbone=BACKBONE,
+        method=method,
+        backbone=backbone,
         settings=settings,
         seed=seed,
         device="cpu",
         threads=1,
+        **kwargs,
+    )
+
+
+def run(dataset, out, *, seed=0, resume_dir=None, stop_after_epoch=None, **overrides):
+    """Train ce into `out`/model.pt and `out`/train_log.csv; return the checkpoint meta."""
+    settings = TrainSettings.from_dict({**AUG, **overrides})
+    return train_into(
+        dataset,
+        out,
+        "ce",
+        settings,
+        seed=seed,
         resume_dir=resume_dir,
         stop_after_epoch=stop_after_epoch,
     )
