@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ood.cli import main
-from ood.train import METHOD_OUTLIERS, METHODS, get_objective, objective_class
+from ood.train import METHOD_OUTLIERS, METHOD_TEACHER, METHODS, get_objective, objective_class
 from ood.train.loop import TrainSettings
 from ood.train.mode import alpa_similarity
 from ood.train.objective import Batch, TrainContext
@@ -46,6 +46,7 @@ def test_registry_agrees_with_the_objectives(capsys):
         cls = objective_class(name)
         assert cls.name == name
         assert cls.outliers == (name in METHOD_OUTLIERS), name
+        assert cls.needs_teacher == (name in METHOD_TEACHER), name
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in METHODS:
