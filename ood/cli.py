@@ -82,6 +82,61 @@ def cmd_train(args: argparse.Namespace) -> None:
     log.info("saved %s (train accuracy %s)", args.out, meta["final_train_accuracy"])
 
 
+def cmd_synth_pipeline(args: argparse.Namespace) -> None:
+    from ood.synthesis.pipeline import write_tiny_pipeline
+
+    write_tiny_pipeline(args.out, seed=args.seed, resolution=args.resolution)
+    log.info("wrote a tiny random Stable Diffusion pipeline to %s", args.out)
+
+
+def cmd_synth_embed(args: argparse.Namespace) -> None:
+    from ood.synthesis.embeddings import EmbedSettings, embed
+
+    embed(
+        _dataset_dir(args.manifest),
+        args.pipeline,
+        args.out,
+        EmbedSettings.from_dict(args.settings),
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("of")
+    if not (sep and index.isdigit() and count.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected INDEXofCOUNT like 1of4, got {text!r}")
+    return int(index), int(count)
+
+
+def cmd_synth_generate(args: argparse.Namespace) -> None:
+    from ood.synthesis.generate import SampleSettings, generate_shard
+
+    generate_shard(
+        args.embeddings,
+        args.pipeline,
+        args.root,
+        args.shard,
+        args.out,
+        SampleSettings.from_dict(args.settings),
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def cmd_synth_collect(args: argparse.Namespace) -> None:
+    from ood.synthesis.generate import SampleSettings, collect
+
+    manifest = collect(
+        args.shards,
+        args.root,
+        _dataset_dir(args.id_manifest),
+        _dataset_dir(args.out),
+        SampleSettings.from_dict(args.settings),
+    )
+    log.info("wrote the outlier set %s", manifest)
+
+
 def cmd_features(args: argparse.Namespace) -> None:
     from ood.features import extract
 
@@ -222,6 +277,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="timm backbone name of a bare --teacher state dict (e.g. vit_b16_224)",
     )
     add_compute(p)
+
+    p = add(
+        "synth-pipeline",
+        cmd_synth_pipeline,
+        "write a tiny random Stable Diffusion pipeline (tests, demo: images mean nothing)",
+    )
+    p.add_argument("--out", required=True, help="folder to create (diffusers format)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--resolution", type=int, default=32, help="the UNet's native image side")
+
+    p = add(
+        "synth-embed",
+        cmd_synth_embed,
+        "learn class token embeddings on the ID train split; sample boundary outlier embeddings",
+    )
+    p.add_argument("--manifest", required=True, help="manifest.csv of the ID dataset")
+    p.add_argument("--pipeline", required=True, help="Stable Diffusion folder (diffusers format)")
+    p.add_argument("--out", required=True, help="embeddings file to write (.pt)")
+    p.add_argument(
+        "--settings", type=_json_arg, default={}, help="JSON: encoder, epochs, sigma, k, keep, ..."
+    )
+    add_compute(p)
+
+    p = add(
+        "synth-generate",
+        cmd_synth_generate,
+        "decode one shard's outlier embeddings into images and latents (resumable)",
+    )
+    p.add_argument("--embeddings", required=True, help="file written by synth-embed")
+    p.add_argument("--pipeline", required=True, help="Stable Diffusion folder (diffusers format)")
+    p.add_argument("--root", required=True, help="synthesis folder: generated/ and contact/")
+    p.add_argument("--shard", required=True, type=_shard, help="INDEXofCOUNT, e.g. 1of4")
+    p.add_argument("--out", required=True, help="the shard's CSV, written last")
+    p.add_argument(
+        "--settings",
+        type=_json_arg,
+        default={},
+        help="JSON: template, steps, guidance, resolution, batch_size, seed, fp16, "
+        "attention_slicing",
+    )
+    add_compute(p)
+
+    p = add("synth-collect", cmd_synth_collect, "join generated shards into an outlier set")
+    p.add_argument("--shards", required=True, nargs="+", help="shard CSVs")
+    p.add_argument("--root", required=True, help="synthesis folder the shard CSVs refer to")
+    p.add_argument("--id-manifest", required=True, help="manifest.csv of the ID dataset (size)")
+    p.add_argument("--out", required=True, help="manifest.csv of the outlier set to create")
+    p.add_argument("--settings", type=_json_arg, default={}, help="JSON sampler settings")
 
     p = add("features", cmd_features, "dump logits and penultimate features to Parquet")
     p.add_argument("--checkpoint", required=True)

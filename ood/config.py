@@ -140,6 +140,7 @@ def check_config(config: dict) -> None:
                 f"{where}.backbone: unknown backbone {bench['backbone']!r}; "
                 f"known: {', '.join(sorted(BACKBONES))}"
             )
+        check_synthesis(where, bench, datasets)
         check_methods(where, bench, seen, datasets)
         check_scorers(where, bench)
 
@@ -160,7 +161,7 @@ def check_methods(where: str, bench: dict, used: dict, datasets: dict) -> None:
             raise ConfigError(
                 f"{where}.methods: unknown method {method!r}; known: {', '.join(METHODS)}"
             )
-        check_outliers(at, method, spec, used, datasets)
+        check_outliers(at, method, spec, used, datasets, bench.get("synthesis", {}))
         given = train_settings(bench, method).get("method_params", {})
         unknown = sorted(set(given) - set(METHOD_PARAMS[method]))
         if unknown:
@@ -221,9 +222,13 @@ def check_methods(where: str, bench: dict, used: dict, datasets: dict) -> None:
 
 
 def user_files(bench: dict) -> list[str]:
-    """Files a user provides for a benchmark's training: pretrained weights, teacher
-    checkpoints, group files (inputs of the train jobs)."""
-    files = []
+    """Files a user provides for a benchmark: pretrained weights, teacher checkpoints,
+    group files (inputs of the train jobs) and Stable Diffusion folders (synthesis)."""
+    files = [
+        synthesis_pipeline(spec)
+        for spec in bench.get("synthesis", {}).values()
+        if spec["pipeline"] != TINY_PIPELINE
+    ]
     for method, spec in bench["methods"].items():
         settings = train_settings(bench, method)
         teacher = spec.get("teacher")
@@ -288,8 +293,11 @@ def scorer_skip_reason(bench: dict, method: str, scorer: str, listed: bool = Tru
     return None
 
 
-def check_outliers(where: str, method: str, spec: dict, used: dict, datasets: dict) -> None:
-    """A method training on outliers names a dataset that no test role of the benchmark uses."""
+def check_outliers(
+    where: str, method: str, spec: dict, used: dict, datasets: dict, synthesis: dict
+) -> None:
+    """A method training on outliers names a synthesised set of the benchmark, or a dataset
+    that no test role of the benchmark uses."""
     from ood.train import method_needs_outliers
 
     name = spec.get("outliers")
@@ -302,11 +310,40 @@ def check_outliers(where: str, method: str, spec: dict, used: dict, datasets: di
             f"{where}.outliers: method {method!r} trains on an auxiliary outlier set; "
             "name a dataset"
         )
+    if name in synthesis:
+        return
     if name not in datasets:
-        raise ConfigError(f"{where}.outliers: {name!r} is not in datasets")
+        raise ConfigError(
+            f"{where}.outliers: {name!r} is not in datasets nor in the benchmark's synthesis"
+        )
     if name in used:
         # Training on a test set would measure nothing.
         raise ConfigError(f"{where}.outliers: {name!r} is the benchmark's {used[name]}")
+
+
+TINY_PIPELINE = "tiny"
+
+
+def check_synthesis(where: str, bench: dict, datasets: dict) -> None:
+    """Synthesised sets have names of their own; a pipeline folder, if given, is a model folder."""
+    for name, spec in bench.get("synthesis", {}).items():
+        at = f"{where}.synthesis.{name}"
+        if name in datasets:
+            raise ConfigError(
+                f"{at}: {name!r} is also a dataset; give the synthesised set another name"
+            )
+        template = spec.get("sample", {}).get("template")
+        if template is not None and template.count("{}") != 1:
+            raise ConfigError(f"{at}.sample.template: {template!r} must contain {{}} exactly once")
+        keep, pool = (spec.get("embed", {}).get(key) for key in ("keep", "pool"))
+        if keep is not None and pool is not None and keep > pool:
+            raise ConfigError(f"{at}.embed.keep: {keep} exceeds pool ({pool})")
+
+
+def synthesis_pipeline(spec: dict) -> str:
+    """The pipeline folder of a synthesis entry: the workflow's tiny one, or the given path."""
+    path = spec["pipeline"]
+    return "resources/pipelines/tiny_sd" if path == TINY_PIPELINE else path.rstrip("/")
 
 
 def check_scorers(where: str, bench: dict) -> None:

@@ -217,6 +217,36 @@ def bench(config: dict) -> dict:
             lambda c: bench(c)["methods"].update(ce={"outliers": "noise"}),
             r"benchmarks\.tiny\.methods\.ce\.outliers: method 'ce' trains on no outlier set",
         ),
+        (
+            lambda c: bench(c).update(synthesis={"noise": {"pipeline": "tiny"}}),
+            r"benchmarks\.tiny\.synthesis\.noise: 'noise' is also a dataset",
+        ),
+        (
+            lambda c: bench(c).update(
+                synthesis={"dream": {"pipeline": "tiny", "sample": {"template": "a photo"}}}
+            ),
+            r"synthesis\.dream\.sample\.template: 'a photo' must contain \{\} exactly once",
+        ),
+        (
+            lambda c: bench(c).update(
+                synthesis={"dream": {"pipeline": "tiny", "embed": {"keep": 80, "pool": 40}}}
+            ),
+            r"synthesis\.dream\.embed\.keep: 80 exceeds pool \(40\)",
+        ),
+        (
+            lambda c: bench(c).update(synthesis={"dream": {"pipeline": "tiny", "embed": {"K": 3}}}),
+            r"config benchmarks\.tiny\.synthesis\.dream\.embed: .*'K' was unexpected",
+        ),
+        (
+            lambda c: bench(c).update(synthesis={"dream": {"shards": 2}}),
+            r"synthesis\.dream: 'pipeline' is a required property",
+        ),
+        (
+            lambda c: bench(c).update(
+                synthesis={"dream": {"pipeline": "tiny", "sample": {"resolution": 100}}}
+            ),
+            r"synthesis\.dream\.sample\.resolution: 100 is not a multiple of 8",
+        ),
     ],
 )
 def test_bad_config_names_the_key(mutate, message):
@@ -296,3 +326,23 @@ def test_scorer_applies_to_some_methods_only(monkeypatch):
     bench(config)["methods"]["groupy"] = {}
     bench(config)["scorers"]["mos"] = {}
     validate_config(config, SCHEMA)  # msp has ce, mos has groupy: both apply somewhere
+
+
+def test_methods_train_on_a_synthesised_set_and_real_pipelines_are_user_files():
+    from ood.config import synthesis_pipeline, user_files
+
+    config = copy.deepcopy(TINY)
+    bench(config)["synthesis"] = {
+        "dream": {"pipeline": "tiny"},
+        "sd": {"pipeline": "data/weights/sd-v1-4/", "shards": 4},
+    }
+    bench(config)["methods"]["oe"] = {"outliers": "sd"}
+    validate_config(config, SCHEMA)
+    assert bench(config)["synthesis"]["dream"] == {
+        "pipeline": "tiny",
+        "shards": 1,
+        "embed": {},
+        "sample": {},
+    }
+    assert synthesis_pipeline(bench(config)["synthesis"]["dream"]) == "resources/pipelines/tiny_sd"
+    assert user_files(bench(config)) == ["data/weights/sd-v1-4"]

@@ -54,6 +54,21 @@ REQUIRED = {
         "tqdm",
     },
     "tables": {"numpy", "pandas", "pyarrow", "scikit-learn"},
+    **{
+        f"synth-{step}": {
+            "accelerate",  # diffusers loads SD v1.4 with it
+            "diffusers",
+            "numpy",
+            "pillow",
+            "pyarrow",
+            "timm",
+            "torch",
+            "torchvision",
+            "tqdm",
+            "transformers",
+        }
+        for step in ("pipeline", "embed", "generate", "collect")
+    },
     "concat-tables": {"numpy", "pandas", "pyarrow", "scikit-learn"},
 }
 # Runtime dependencies no rule env needs: Snakemake parses the workflow (and

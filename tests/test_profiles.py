@@ -22,7 +22,12 @@ from ood.scores.variants import expand_all
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "profiles/local/config.yaml"
 SLURM = REPO / "profiles/slurm/config.yaml"
-GPU_RULES = {"train", "features"}  # always; score only for scorers that need the model
+GPU_RULES = {
+    "synth_embed",
+    "synth_generate",
+    "train",
+    "features",
+}  # always; score only for scorers that need the model
 
 
 def load(path: Path) -> dict:

@@ -242,6 +242,11 @@ def test_demo_meets_its_targets(tmp_path):
             assert set(rows.scorer) == paper == set(bench["methods"][method]["scorers"]), method
         assert len(rows) % 4 == 0 and rows.auroc.notna().all(), method
     assert ce.id_acc.min() >= 0.9
+    # oe and oaml trained on the outliers the tiny Stable Diffusion pipeline synthesised.
+    dream = bench["synthesis"]["dream"]
+    synthesised = read_manifest(workdir / "results/outliers/demo/dream/set")
+    assert len(synthesised) == 6 * dream["embed"]["keep"]  # digits 0-5
+    assert bench["methods"]["oe"]["outliers"] == bench["methods"]["oaml"]["outliers"] == "dream"
     knn_noise = ce[(ce.variant == "knn-k50") & (ce.ood_dataset == "noise")]
     assert knn_noise.auroc.item() >= 0.95
 
@@ -275,14 +280,21 @@ def test_real_benchmark_configs_plan(tmp_path, name):
         workdir, "results/tables/all.csv", "-n", "--configfile", f"config/{name}.yaml"
     )
     ood = [d for group in bench["ood"].values() for d in group]
+    synthesis = bench.get("synthesis", {})
     outliers = {spec["outliers"] for spec in bench["methods"].values() if "outliers" in spec}
-    used = [bench["id_dataset"], *ood, *sorted(outliers)]
+    used = [bench["id_dataset"], *ood, *sorted(outliers - set(synthesis))]
     downloads = {d for ds in used for d in config["datasets"][ds].get("inputs", {}).values()}
     methods, seeds = bench["methods"], len(bench["seeds"])
     variants = expand_all(bench["scorers"]).values()
     scored = sum(not scorer_skip_reason(bench, m, name) for m in methods for name, _ in variants)
     dumps = sum(1 + len(ood) + needs_train_dump(bench, m) for m in methods)
+    synthesis_jobs = {
+        "synth_embed": len(synthesis),
+        "synth_generate": sum(spec["shards"] for spec in synthesis.values()),
+        "synth_collect": len(synthesis),
+    }
     assert planned_jobs(result.stdout) == {
+        **{rule: count for rule, count in synthesis_jobs.items() if count},
         "fetch": len(downloads),
         "curate_dataset": len(used),
         "audit": len(ood),
@@ -335,3 +347,48 @@ def test_outlier_method_trains_on_its_outlier_set(tmp_path):
     (ce,) = [c for c in commands if "--method ce" in c]
     assert "--outliers resources/data/aux/manifest.csv" in oe
     assert "--outliers" not in ce
+
+
+def test_synthesis_feeds_outlier_training(tmp_path):
+    """A synthesised set (tiny pipeline, two shard jobs) is the outlier set oe trains on;
+    a sampler change regenerates the shards and retrains, but keeps the class embeddings."""
+    import torch
+
+    workdir = copy_workflow(tmp_path)
+    config = yaml.safe_load((workdir / "config/tiny.yaml").read_text())
+    bench = config["benchmarks"]["tiny"]
+    bench["synthesis"] = {
+        "dream": {
+            "pipeline": "tiny",
+            "shards": 2,
+            "embed": {"epochs": 1, "batch_size": 8, "k": 2, "keep": 3, "pool": 10},
+            "sample": {"steps": 2, "resolution": 32, "batch_size": 2},
+        }
+    }
+    bench["methods"]["oe"] = {"outliers": "dream", "train": {"epochs": 1}}
+    (workdir / "config/synth.yaml").write_text(yaml.safe_dump(config))
+    target = "results/models/tiny/oe/seed0/model.pt"
+    args = ("--configfile", "config/synth.yaml")
+    result = snakemake(workdir, target, "-p", *args)
+    output = result.stdout + result.stderr
+    assert planned_jobs(output) == {
+        "curate_dataset": 1,
+        "tiny_pipeline": 1,
+        "synth_embed": 1,
+        "synth_generate": 2,
+        "synth_collect": 1,
+        "train": 1,
+    }
+    root = workdir / "results/outliers/tiny/dream"
+    assert "--outliers results/outliers/tiny/dream/set/manifest.csv" in output
+    assert [p.name for p in sorted((root / "shards").iterdir())] == ["1of2.csv", "2of2.csv"]
+    assert len(read_manifest(root / "set")) == 9  # 3 classes x keep 3
+    assert len(list((root / "contact").glob("class*.png"))) == 3
+    meta = torch.load(workdir / target, weights_only=False)["meta"]
+    assert meta["n_outliers"] == 9
+    assert meta["outliers_manifest_sha256"] == sha256_file(root / "set/manifest.csv")
+    assert "Nothing to be done" in snakemake(workdir, target, "-n", *args).stdout
+    bench["synthesis"]["dream"]["sample"]["steps"] = 3
+    (workdir / "config/synth.yaml").write_text(yaml.safe_dump(config))
+    replanned = planned_jobs(snakemake(workdir, target, "-n", *args).stdout)
+    assert replanned == {"synth_generate": 2, "synth_collect": 1, "train": 1}

@@ -104,6 +104,7 @@ def write_dataset(
     overwrite: bool = True,
     *,
     info: str | None = None,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write `(split, label, image)` records as a curated dataset; return the manifest path.
 
@@ -115,7 +116,8 @@ def write_dataset(
     Everything is built in a hidden sibling `.<name>.partial-*` directory and
     renamed onto `out_dir` only when complete, so an error or Ctrl-C leaves
     any older `out_dir` untouched and no temporary directory behind. `info`,
-    if given, is written to `dataset.json` (e.g. the source and its parameters).
+    if given, is written to `dataset.json` (e.g. the source and its parameters);
+    `extra` maps further file names to their text (e.g. a per-row side table).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -151,6 +153,8 @@ def write_dataset(
             raise DatasetError(f"{out_dir}: no images to write")
         if info is not None:
             _write_text(tmp / "dataset.json", info)
+        for name, content in (extra or {}).items():
+            _write_text(tmp / name, content)
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(COLUMNS)
@@ -263,3 +267,13 @@ def load_images(
     labels = np.array([row.label for row in rows], dtype=np.int64)
     index = np.array([row.index for row in rows], dtype=np.int64)
     return images, labels, index
+
+
+def load_image_size(dataset_dir: str | os.PathLike) -> tuple[int, int]:
+    """`(height, width)` of a dataset's first image (`load_images` needs one size for all)."""
+    dataset_dir = Path(dataset_dir)
+    rows = read_manifest(dataset_dir)
+    if not rows:
+        raise DatasetError(f"{dataset_dir}: the manifest lists no images")
+    with Image.open(row_file(dataset_dir, rows[0])) as image:
+        return image.height, image.width

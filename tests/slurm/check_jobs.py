@@ -2,7 +2,8 @@
 
 The executor plugin puts `rule_<rule>_wildcards_<...>` in each job's comment.
 GPUs (TresPerJob gres:gpu) must reach exactly the jobs that run the model:
-train, features and the score jobs of the model scorers; every other job
+synthesis embed and generate, train, features and the score jobs of the model
+scorers; every other job
 must ask for none. Also prints the jobs per rule with their CPUs and memory.
 """
 
@@ -15,7 +16,7 @@ from collections import Counter
 from ood.scores import SCORERS
 
 MODEL_SCORERS = sorted(name for name, s in SCORERS.items() if "model" in s.needs)
-GPU_RULES = {"train", "features"}
+GPU_RULES = {"synth_embed", "synth_generate", "train", "features"}
 
 
 def parse(text: str) -> list[dict[str, str]]:

@@ -6,6 +6,7 @@ from ood.config import (
     load_yaml,
     method_backbone,
     scorer_skip_reason,
+    synthesis_pipeline,
     to_json,
     train_settings,
     validate_config,
@@ -32,6 +33,9 @@ wildcard_constraints:
     scorer=VARIANT_PATTERN,
     seed=r"\d+",
     split="train|test",
+    synth=NAME,
+    shard=r"\d+",
+    shards=r"\d+",
 
 
 def manifest(dataset):
@@ -105,8 +109,39 @@ def role(benchmark, dataset):
 
 
 def outlier_set(benchmark, method):
-    """The auxiliary outlier dataset a method trains on (config), or None."""
-    return BENCHMARKS[benchmark]["methods"][method].get("outliers")
+    """The manifest of the auxiliary outliers a method trains on: a synthesised set of
+    the benchmark or a curated dataset (config `outliers`); None without one."""
+    name = BENCHMARKS[benchmark]["methods"][method].get("outliers")
+    if name is None:
+        return None
+    if name in BENCHMARKS[benchmark].get("synthesis", {}):
+        return f"results/outliers/{benchmark}/{name}/set/manifest.csv"
+    return manifest(name)
+
+
+def synth_spec(w):
+    return BENCHMARKS[w.benchmark]["synthesis"][w.synth]
+
+
+def synth_pipeline(w):
+    return synthesis_pipeline(synth_spec(w))
+
+
+def synth_root(w):
+    return f"results/outliers/{w.benchmark}/{w.synth}"
+
+
+def synth_embed_settings(w):
+    """Embedding settings; the image encoder defaults to the benchmark's backbone."""
+    return {
+        "encoder": BENCHMARKS[w.benchmark]["backbone"],
+        **synth_spec(w).get("embed", {}),
+    }
+
+
+def synth_shards(w):
+    count = synth_spec(w).get("shards", 1)
+    return [f"{synth_root(w)}/shards/{i}of{count}.csv" for i in range(1, count + 1)]
 
 
 def method_spec(w):
@@ -132,7 +167,7 @@ def train_inputs(w):
     spec = method_spec(w)
     outliers = outlier_set(w.benchmark, w.method)
     if outliers:
-        inputs["outliers"] = manifest(outliers)
+        inputs["outliers"] = outliers
     settings = method_settings(w)
     if settings.get("pretrained"):
         inputs["pretrained"] = settings["pretrained"]
@@ -154,7 +189,7 @@ def train_extra_args(w):
     args = []
     outliers = outlier_set(w.benchmark, w.method)
     if outliers:
-        args.append(f"--outliers {manifest(outliers)}")
+        args.append(f"--outliers {outliers}")
     teacher = method_spec(w).get("teacher")
     if isinstance(teacher, str):
         args.append(f"--teacher {method_model(w, teacher)}")

@@ -1,0 +1,357 @@
+"""Decode sampled token embeddings with Stable Diffusion in shards; collect the outlier set.
+
+Layout under one synthesis root, `results/outliers/<benchmark>/<name>/`:
+
+    embeddings.pt                      class and sampled token vectors (`embeddings`)
+    generated/<run>/class0003/0012.png the image of embedding 12 of class 3
+    generated/<run>/class0003/0012.npy its denoised latent (float32, C x h x w)
+    contact/class0003.png              a contact sheet of the class's images
+    shards/1of4.csv                    one row per image of shard 1 of 4 (written last)
+    set/manifest.csv                   the outlier set oe and oaml train on (`collect`)
+    set/synthesis.csv                  per image: seed, embedding id, prompt, sampler settings
+
+`<run>` is a digest of everything that decides the pixels (embeddings file,
+pipeline folder, sampler settings), so a rerun with other settings never
+reuses an older image. A shard works in fixed batches (class, first sample);
+a batch whose files all exist is skipped, and every file is written to a
+temporary name and renamed, so a killed shard restarts where it stopped and
+ends with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ood.io import atomic_path, sha256_file, write_text_atomic
+from ood.synthesis.pipeline import DEFAULT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+SHARD_COLUMNS = ("embedding_id", "class", "sample", "seed", "knn_distance", "image", "latent")
+SYNTHESIS_COLUMNS = (
+    "index",
+    "embedding_id",
+    "class",
+    "sample",
+    "seed",
+    "prompt",
+    "scheduler",
+    "steps",
+    "guidance",
+    "resolution",
+    "knn_distance",
+    "image",
+    "latent",
+)
+SEED_STRIDE = 1_000_003  # image seed = seed * SEED_STRIDE + embedding id: unique per image
+THUMB = 128  # contact-sheet cell side at most, in pixels
+
+
+@dataclass
+class SampleSettings:
+    """Sampler settings; defaults are DreamOOD's (SD v1.4, PLMS 50 steps, guidance 7.5)."""
+
+    template: str = DEFAULT_TEMPLATE
+    steps: int = 50
+    guidance: float = 7.5
+    resolution: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    fp16: bool = False  # half precision (GPU only)
+    attention_slicing: bool = False  # less GPU memory, a little slower
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "resolution", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(
+                    f"synthesis setting {name}: must be >= 1, got {getattr(self, name)}"
+                )
+        if self.resolution % 8:
+            raise ValueError(
+                f"synthesis setting resolution: {self.resolution} is not a multiple of 8"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SampleSettings:
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"unknown sampler setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**values)
+
+
+def shard_classes(num_classes: int, index: int, count: int) -> range:
+    """Classes of shard `index` (1-based) of `count`: contiguous, sizes differing by at most 1."""
+    if count < 1 or not 1 <= index <= count:
+        raise ValueError(f"shard {index} of {count}: need 1 <= index <= count")
+    return range((index - 1) * num_classes // count, index * num_classes // count)
+
+
+def image_seed(seed: int, embedding_id: int) -> int:
+    return seed * SEED_STRIDE + embedding_id
+
+
+def _run_digest(embeddings: Path, pipeline_dir: Path, settings: SampleSettings) -> str:
+    """What decides the pixels: embeddings bytes, the pipeline's files, sampler settings."""
+    files = sorted(
+        (str(p.relative_to(pipeline_dir)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in pipeline_dir.rglob("*")
+        if p.is_file()
+    )
+    payload = {
+        "embeddings": sha256_file(embeddings),
+        "pipeline": [str(pipeline_dir.resolve()), files],
+        "settings": asdict(settings),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Denoised latents -> (B, H, W, 3) uint8 images, as the pipeline's own output does."""
+    with torch.no_grad():
+        pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    array = pipe.image_processor.postprocess(pixels, output_type="np")
+    return (array * 255).round().astype(np.uint8)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from ood.data.manifest import PNG_COMPRESS_LEVEL
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def _write_image(path: Path, image: np.ndarray, latent: np.ndarray) -> None:
+    """Latent first, image last: an image's presence means both are complete."""
+    with atomic_path(path.with_suffix(".npy")) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, latent)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(_png_bytes(image))
+
+
+def contact_sheet(paths: list[Path], out: Path) -> None:
+    """One grid image of `paths` (rows of ceil(sqrt(n))), cells at most THUMB pixels."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    side = min(THUMB, images[0].width)
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * side, rows * side), "white")
+    for i, image in enumerate(images):
+        sheet.paste(
+            image.resize((side, side), Image.BICUBIC), ((i % cols) * side, (i // cols) * side)
+        )
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def _generate_batch(pipe, encoder, vectors: torch.Tensor, seeds: list[int], s: SampleSettings):
+    """`(images (B, H, W, 3) uint8, latents (B, C, h, w) float32)` for one batch of vectors."""
+    cond = encoder(vectors)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    latents = pipe(
+        prompt_embeds=cond,
+        negative_prompt_embeds=encoder.empty(len(vectors)),
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance,
+        height=s.resolution,
+        width=s.resolution,
+        generator=generators,
+        output_type="latent",
+    ).images
+    return decode_latents(pipe, latents), latents.float().cpu().numpy()
+
+
+def generate_shard(
+    embeddings: str | os.PathLike,
+    pipeline_dir: str | os.PathLike,
+    root: str | os.PathLike,
+    shard: tuple[int, int],
+    out_csv: str | os.PathLike,
+    settings: SampleSettings,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+) -> list[dict]:
+    """Generate the images of shard `shard = (index, count)` under `root`; write `out_csv` last."""
+    from ood.synthesis.pipeline import PromptEncoder, load_pipeline
+    from ood.train.loop import select_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    embeddings, pipeline_dir, root = Path(embeddings), Path(pipeline_dir), Path(root)
+    data = torch.load(embeddings, map_location="cpu", weights_only=True)
+    vectors, distances = data["vectors"], data["knn_distance"]
+    num_classes, keep = vectors.shape[:2]
+    classes = shard_classes(num_classes, *shard)
+    run_dir = root / "generated" / _run_digest(embeddings, pipeline_dir, settings)
+    batches = [
+        (c, list(range(start, min(start + settings.batch_size, keep))))
+        for c in classes
+        for start in range(0, keep, settings.batch_size)
+    ]
+
+    def image_path(c: int, j: int) -> Path:
+        return run_dir / f"class{c:04d}" / f"{j:04d}.png"
+
+    todo = [(c, js) for c, js in batches if not all(image_path(c, j).is_file() for j in js)]
+    done = sum(len(js) for _, js in batches) - sum(len(js) for _, js in todo)
+    if todo:
+        pipe = load_pipeline(
+            pipeline_dir,
+            select_device(device),
+            fp16=settings.fp16,
+            attention_slicing=settings.attention_slicing,
+        )
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, settings.template)
+        dtype = pipe.text_encoder.dtype
+        bar = tqdm(
+            total=len(classes) * keep,
+            initial=done,
+            desc=f"shard {shard[0]}/{shard[1]}",
+            unit="img",
+            file=sys.stderr,
+        )
+        for c, js in todo:
+            seeds = [image_seed(settings.seed, c * keep + j) for j in js]
+            images, latents = _generate_batch(
+                pipe, encoder, vectors[c, js].to(pipe.device, dtype), seeds, settings
+            )
+            for j, image, latent in zip(js, images, latents, strict=True):
+                image_path(c, j).parent.mkdir(parents=True, exist_ok=True)
+                _write_image(image_path(c, j), image, latent)
+            bar.update(len(js))
+        bar.close()
+    rows = []
+    for c in classes:
+        paths = [image_path(c, j) for j in range(keep)]
+        contact_sheet(paths, root / "contact" / f"class{c:04d}.png")
+        for j, path in enumerate(paths):
+            rows.append(
+                {
+                    "embedding_id": c * keep + j,
+                    "class": c,
+                    "sample": j,
+                    "seed": image_seed(settings.seed, c * keep + j),
+                    "knn_distance": f"{float(distances[c, j]):.6f}",
+                    "image": path.relative_to(root).as_posix(),
+                    "latent": path.with_suffix(".npy").relative_to(root).as_posix(),
+                }
+            )
+    _write_csv(out_csv, SHARD_COLUMNS, rows)
+    log.info(
+        "%s: %d images of classes %s (%d generated now)",
+        out_csv,
+        len(rows),
+        classes,
+        len(rows) - done,
+    )
+    return rows
+
+
+def _write_csv(path: str | os.PathLike, columns: tuple[str, ...], rows: list[dict]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def _read_shard(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != SHARD_COLUMNS:
+            raise ValueError(f"{path}: header must be {','.join(SHARD_COLUMNS)}")
+        return list(reader)
+
+
+def collect(
+    shard_csvs: list[str | os.PathLike],
+    root: str | os.PathLike,
+    id_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: SampleSettings,
+) -> Path:
+    """Join the shards into a curated dataset at the ID images' size; return its manifest.
+
+    The images keep their class as label, all in the train split: an outlier
+    set, which oe and oaml read whole. `synthesis.csv` beside the manifest
+    gives each row's seed, embedding id, prompt and sampler settings; its
+    `image`/`latent` are the full-resolution files under the synthesis root.
+    """
+    from ood.data.manifest import load_image_size, write_dataset
+    from ood.synthesis.pipeline import PLACEHOLDER
+
+    root = Path(root)
+    rows = sorted(
+        (row for path in shard_csvs for row in _read_shard(Path(path))),
+        key=lambda row: int(row["embedding_id"]),
+    )
+    ids = [int(row["embedding_id"]) for row in rows]
+    if ids != list(range(len(ids))):
+        raise ValueError(
+            f"shards {[str(p) for p in shard_csvs]} do not cover embedding ids 0..N-1 "
+            "exactly once (a shard missing or given twice?)"
+        )
+    height, width = load_image_size(id_dir)
+
+    def records():
+        for row in rows:
+            with Image.open(root / row["image"]) as image:
+                image = image.convert("RGB")
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.BICUBIC)
+                yield "train", int(row["class"]), np.asarray(image)
+
+    prompt = settings.template.format(PLACEHOLDER)
+    table = [
+        {
+            "index": i,
+            **{k: row[k] for k in ("embedding_id", "class", "sample", "seed")},
+            "prompt": prompt,
+            "scheduler": "PLMS (PNDM, skip_prk_steps)",
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "resolution": settings.resolution,
+            **{k: row[k] for k in ("knn_distance", "image", "latent")},
+        }
+        for i, row in enumerate(rows)
+    ]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SYNTHESIS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    info = json.dumps(
+        {"source": "synthesis", "root": str(root), "settings": asdict(settings)}, indent=1
+    )
+    return write_dataset(
+        out_dir, _Sized(records, len(rows)), info=info, extra={"synthesis.csv": text.getvalue()}
+    )
+
+
+class _Sized:
+    """An iterable of known length (for the progress bar of `write_dataset`)."""
+
+    def __init__(self, make, length: int):
+        self.make, self.length = make, length
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __len__(self) -> int:
+        return self.length
