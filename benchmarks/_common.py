@@ -58,7 +58,15 @@ def environment(threads: int) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for package in ("numpy", "faiss-cpu", "scikit-learn", "torch", "pytorch-ood", "oodbench"):
+    for package in (
+        "numpy",
+        "faiss-cpu",
+        "scikit-learn",
+        "torch",
+        "diffusers",
+        "pytorch-ood",
+        "oodbench",
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
