@@ -354,67 +354,25 @@ def test_cli_runs_the_three_steps_and_checks_the_shard_argument(
     import json
 
     sample = json.dumps(SAMPLE)
-    common = [
-        "--embeddings",
-        str(embeddings),
-        "--pipeline",
-        str(pipeline_dir),
-        "--root",
-        str(tmp_path),
-    ]
+    shard_csv = str(tmp_path / "s.csv")
+
+    def generate(shard: str, settings: str) -> int:
+        return main(
+            ["synth-generate", "--embeddings", str(embeddings), "--pipeline", str(pipeline_dir)]
+            + ["--root", str(tmp_path), "--shard", shard, "--out", shard_csv]
+            + ["--settings", settings, "--device", "cpu"]
+        )
+
     with pytest.raises(SystemExit):
-        main(["synth-generate", *common, "--shard", "1x2", "--out", str(tmp_path / "s.csv")])
+        generate("1x2", sample)
     assert "expected INDEXofCOUNT like 1of4, got '1x2'" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "synth-generate",
-                *common,
-                "--shard",
-                "1of1",
-                "--out",
-                str(tmp_path / "s.csv"),
-                "--settings",
-                sample,
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert generate("1of1", sample) == 0
     out = tmp_path / "set" / "manifest.csv"
-    assert (
-        main(
-            [
-                "synth-collect",
-                "--shards",
-                str(tmp_path / "s.csv"),
-                "--root",
-                str(tmp_path),
-                "--id-manifest",
-                str(tiny_digits / "manifest.csv"),
-                "--out",
-                str(out),
-                "--settings",
-                sample,
-            ]
-        )
-        == 0
-    )
+    collect_args = ["synth-collect", "--shards", shard_csv, "--root", str(tmp_path)]
+    collect_args += ["--id-manifest", str(tiny_digits / "manifest.csv"), "--out", str(out)]
+    assert main([*collect_args, "--settings", sample]) == 0
     assert len(read_manifest(out.parent)) == 9
-    assert (
-        main(
-            [
-                "synth-generate",
-                *common,
-                "--shard",
-                "1of1",
-                "--out",
-                str(tmp_path / "s.csv"),
-                "--settings",
-                '{"steps": 0}',
-            ]
-        )
-        == 1
-    )
+    assert generate("1of1", '{"steps": 0}') == 1
     assert "synthesis setting steps: must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*collect_args, "--settings", '{"stepz": 1}']) == 1
+    assert "unknown sampler setting(s) ['stepz']" in capsys.readouterr().err

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ood.synthesis import check_positive, settings_from_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -50,11 +52,7 @@ class EmbedSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "k", "keep", "pool"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(
-                    f"synthesis setting {name}: must be >= 1, got {getattr(self, name)}"
-                )
+        check_positive(self, ("epochs", "batch_size", "k", "keep", "pool"))
         if self.keep > self.pool:
             raise ValueError(
                 f"synthesis setting keep ({self.keep}) exceeds pool ({self.pool}): "
@@ -65,12 +63,7 @@ class EmbedSettings:
 
     @classmethod
     def from_dict(cls, values: dict) -> EmbedSettings:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"unknown synthesis setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**values)
+        return settings_from_dict(cls, values, "synthesis")
 
 
 def knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:

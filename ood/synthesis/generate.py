@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ood.io import atomic_path, sha256_file, write_text_atomic
+from ood.synthesis import check_positive, settings_from_dict
 from ood.synthesis.pipeline import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,7 @@ class SampleSettings:
     attention_slicing: bool = False  # less GPU memory, a little slower
 
     def __post_init__(self) -> None:
-        for name in ("steps", "resolution", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(
-                    f"synthesis setting {name}: must be >= 1, got {getattr(self, name)}"
-                )
+        check_positive(self, ("steps", "resolution", "batch_size"))
         if self.resolution % 8:
             raise ValueError(
                 f"synthesis setting resolution: {self.resolution} is not a multiple of 8"
@@ -87,12 +84,7 @@ class SampleSettings:
 
     @classmethod
     def from_dict(cls, values: dict) -> SampleSettings:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"unknown sampler setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**values)
+        return settings_from_dict(cls, values, "sampler")
 
 
 def shard_classes(num_classes: int, index: int, count: int) -> range:
