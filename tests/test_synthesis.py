@@ -200,6 +200,20 @@ def test_the_tiny_pipeline_is_the_same_for_the_same_seed(tmp_path, pipeline_dir)
 # --- shards ----------------------------------------------------------------------------------
 
 
+def test_a_bad_embeddings_file_is_named(pipeline_dir, tmp_path):
+    settings = gen.SampleSettings(**SAMPLE)
+    out = tmp_path / "s.csv"
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt: embeddings file not found"):
+        gen.generate_shard(tmp_path / "missing.pt", pipeline_dir, tmp_path, (1, 1), out, settings)
+    torch.save({"vectors": torch.zeros(2, 3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: not an embeddings file"):
+        gen.generate_shard(tmp_path / "bad.pt", pipeline_dir, tmp_path, (1, 1), out, settings)
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(ValueError, match=r"junk\.pt: not an embeddings file written by synth"):
+        gen.generate_shard(tmp_path / "junk.pt", pipeline_dir, tmp_path, (1, 1), out, settings)
+    assert not out.exists()
+
+
 def test_shards_split_classes_into_contiguous_ranges():
     assert [list(gen.shard_classes(10, i, 3)) for i in (1, 2, 3)] == [
         [0, 1, 2],

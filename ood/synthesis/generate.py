@@ -169,6 +169,25 @@ def _generate_batch(pipe, encoder, vectors: torch.Tensor, seeds: list[int], s: S
     return decode_latents(pipe, latents), latents.float().cpu().numpy()
 
 
+def _load_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(vectors (C, keep, D), k-NN distances (C, keep))` of a `synth-embed` file."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: embeddings file not found (run synth-embed)") from None
+    except Exception as exc:  # pickle, zip or torch errors: one message naming the file
+        raise ValueError(f"{path}: not an embeddings file written by synth-embed ({exc})") from None
+    if not isinstance(data, dict) or {"vectors", "knn_distance"} - set(data):
+        raise ValueError(f"{path}: not an embeddings file (needs vectors and knn_distance)")
+    vectors, distances = data["vectors"], data["knn_distance"]
+    if vectors.ndim != 3 or distances.shape != vectors.shape[:2]:
+        raise ValueError(
+            f"{path}: vectors {tuple(vectors.shape)} must be (classes, keep, D) and "
+            f"knn_distance {tuple(distances.shape)} (classes, keep)"
+        )
+    return vectors, distances
+
+
 def generate_shard(
     embeddings: str | os.PathLike,
     pipeline_dir: str | os.PathLike,
@@ -187,8 +206,7 @@ def generate_shard(
     if threads:
         torch.set_num_threads(threads)
     embeddings, pipeline_dir, root = Path(embeddings), Path(pipeline_dir), Path(root)
-    data = torch.load(embeddings, map_location="cpu", weights_only=True)
-    vectors, distances = data["vectors"], data["knn_distance"]
+    vectors, distances = _load_embeddings(embeddings)
     num_classes, keep = vectors.shape[:2]
     classes = shard_classes(num_classes, *shard)
     run_dir = root / "generated" / _run_digest(embeddings, pipeline_dir, settings)
