@@ -390,3 +390,15 @@ def test_cli_runs_the_three_steps_and_checks_the_shard_argument(
     assert "synthesis setting steps: must be >= 1, got 0" in capsys.readouterr().err
     assert main([*collect_args, "--settings", '{"stepz": 1}']) == 1
     assert "unknown sampler setting(s) ['stepz']" in capsys.readouterr().err
+
+
+def test_embed_is_repeatable_whatever_the_global_random_state(
+    embeddings, pipeline_dir, tiny_digits, tmp_path
+):
+    """The class token's randomly initialised row must not leak into the learned norms."""
+    again = tmp_path / "again.pt"
+    torch.manual_seed(12345)  # another global random state than the first run's
+    emb.embed(tiny_digits, pipeline_dir, again, emb.EmbedSettings(**EMBED), device="cpu", threads=1)
+    first, second = (torch.load(p, weights_only=True) for p in (embeddings, again))
+    for key in ("class_embeddings", "vectors", "knn_distance"):
+        assert torch.equal(first[key], second[key]), key

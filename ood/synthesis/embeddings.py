@@ -253,12 +253,15 @@ def embed(
 
     if threads:
         torch.set_num_threads(threads)
+    # As in training: the same bytes from the same inputs, on one machine or a cluster.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     images, labels, _ = load_images(id_dir, split="train")
     num_classes = int(labels.max()) + 1
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
         raise ValueError(f"{id_dir}: train split has no images of class(es) {missing}")
-    _, text_encoder = load_text_encoder(pipeline_dir)
+    # Without the class token: its row is random and would move the mean token norm.
+    _, text_encoder = load_text_encoder(pipeline_dir, placeholder=False)
     table = token_embeddings(text_encoder)
     class_emb, id_emb, accuracy = learn_embeddings(
         images, labels, num_classes, table, settings, select_device(device)

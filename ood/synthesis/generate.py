@@ -205,6 +205,8 @@ def generate_shard(
 
     if threads:
         torch.set_num_threads(threads)
+    # As in training: the same bytes from the same inputs, on one machine or a cluster.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     embeddings, pipeline_dir, root = Path(embeddings), Path(pipeline_dir), Path(root)
     vectors, distances = _load_embeddings(embeddings)
     num_classes, keep = vectors.shape[:2]

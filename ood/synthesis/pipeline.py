@@ -149,15 +149,18 @@ def _add_placeholder(tokenizer, text_encoder) -> int:
     return tokenizer.convert_tokens_to_ids(PLACEHOLDER)
 
 
-def load_text_encoder(path: str | os.PathLike):
-    """`(tokenizer, text_encoder)` of a pipeline folder (no UNet or VAE loaded)."""
+def load_text_encoder(path: str | os.PathLike, placeholder: bool = True):
+    """`(tokenizer, text_encoder)` of a pipeline folder (no UNet or VAE loaded); with
+    `placeholder`, the class token added (its embedding row is random, so statistics
+    of the token table are taken without it)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
     _check_folder(path)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    _add_placeholder(tokenizer, text_encoder)
+    if placeholder:
+        _add_placeholder(tokenizer, text_encoder)
     return tokenizer, text_encoder.eval()
 
 
