@@ -133,6 +133,7 @@ def cmd_synth_collect(args: argparse.Namespace) -> None:
         _dataset_dir(args.id_manifest),
         _dataset_dir(args.out),
         SampleSettings.from_dict(args.settings),
+        overview=args.overview,
     )
     log.info("wrote the outlier set %s", manifest)
 
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-manifest", required=True, help="manifest.csv of the ID dataset (size)")
     p.add_argument("--out", required=True, help="manifest.csv of the outlier set to create")
     p.add_argument("--settings", type=_json_arg, default={}, help="JSON sampler settings")
+    p.add_argument(
+        "--overview", help="PNG to write: a row of images per class (at most 16 classes)"
+    )
 
     p = add("features", cmd_features, "dump logits and penultimate features to Parquet")
     p.add_argument("--checkpoint", required=True)

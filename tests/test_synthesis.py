@@ -320,8 +320,9 @@ def test_collected_shards_load_as_an_outlier_set_and_train_oe(one_run, tiny_digi
     from ood.train.loop import TrainSettings
 
     settings = gen.SampleSettings(**SAMPLE)
+    overview = tmp_path / "overview.png"
     manifest = gen.collect(
-        [one_run / "shards/1of1.csv"], one_run, tiny_digits, tmp_path / "set", settings
+        [one_run / "shards/1of1.csv"], one_run, tiny_digits, tmp_path / "set", settings, overview
     )
     images, labels, _ = load_images(manifest.parent)
     assert images.shape == (9, 32, 32, 3) and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -333,6 +334,10 @@ def test_collected_shards_load_as_an_outlier_set_and_train_oe(one_run, tiny_digi
     # The set's pixels are the generated images (same size here, so unchanged).
     first = np.asarray(__import__("PIL.Image").Image.open(one_run / table[0]["image"]))
     np.testing.assert_array_equal(images[0], first)
+    # The overview: a row per class, its 3 images in sample order (32 px cells, no resize).
+    sheet = np.asarray(__import__("PIL.Image").Image.open(overview))
+    assert sheet.shape == (3 * 32, 3 * 32, 3)
+    np.testing.assert_array_equal(sheet[32:64, 64:96], images[5])  # class 1, sample 2
     meta = train_into(
         tiny_digits,
         tmp_path,
@@ -341,6 +346,27 @@ def test_collected_shards_load_as_an_outlier_set_and_train_oe(one_run, tiny_digi
         outliers_dir=manifest.parent,
     )
     assert meta["n_outliers"] == 9
+
+
+def test_overview_spreads_rows_over_many_classes_and_keeps_sample_order(tmp_path):
+    from PIL import Image
+
+    # 40 classes x 10 samples, listed out of order; each image's colour encodes (class, sample).
+    rows = []
+    for c in reversed(range(40)):
+        for j in reversed(range(10)):
+            path = tmp_path / f"c{c}_{j}.png"
+            Image.new("RGB", (4, 4), (c, j, 7)).save(path)
+            rows.append({"class": str(c), "sample": str(j), "image": path.name})
+    grid = gen.overview_grid(rows, tmp_path)
+    # 16 of 40 classes: round(linspace(0, 39, 16)), the first and last included.
+    expected = np.round(np.linspace(0, 39, 16)).astype(int).tolist()
+    assert [int(r[0].name.split("_")[0][1:]) for r in grid] == expected
+    assert [p.name for p in grid[1]] == [f"c3_{j}.png" for j in range(8)]  # linspace[1] = 2.6
+    gen.grid_sheet(grid, tmp_path / "sheet.png")
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png"))
+    assert sheet.shape == (16 * 4, 8 * 4, 3)
+    np.testing.assert_array_equal(sheet[15 * 4, 7 * 4], [39, 7, 7])  # last row, 8th sample
 
 
 def test_collect_resizes_to_the_id_size_and_names_a_missing_shard(

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from ood.data.manifest import read_manifest
 from ood.io import read_features, read_scores, sha256_file
@@ -384,6 +385,7 @@ def test_synthesis_feeds_outlier_training(tmp_path):
     assert [p.name for p in sorted((root / "shards").iterdir())] == ["1of2.csv", "2of2.csv"]
     assert len(read_manifest(root / "set")) == 9  # 3 classes x keep 3
     assert len(list((root / "contact").glob("class*.png"))) == 3
+    assert Image.open(root / "overview.png").size == (3 * 32, 3 * 32)  # 3 classes x 3 samples
     meta = torch.load(workdir / target, weights_only=False)["meta"]
     assert meta["n_outliers"] == 9
     assert meta["outliers_manifest_sha256"] == sha256_file(root / "set/manifest.csv")

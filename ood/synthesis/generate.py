@@ -9,6 +9,7 @@ Layout under one synthesis root, `results/outliers/<benchmark>/<name>/`:
     shards/1of4.csv                    one row per image of shard 1 of 4 (written last)
     set/manifest.csv                   the outlier set oe and oaml train on (`collect`)
     set/synthesis.csv                  per image: seed, embedding id, prompt, sampler settings
+    overview.png                       a row of images per class (at most 16 classes; `collect`)
 
 `<run>` is a digest of everything that decides the pixels (embeddings file,
 pipeline folder, sampler settings), so a rerun with other settings never
@@ -60,6 +61,8 @@ SYNTHESIS_COLUMNS = (
 )
 SEED_STRIDE = 1_000_003  # image seed = seed * SEED_STRIDE + embedding id: unique per image
 THUMB = 128  # contact-sheet cell side at most, in pixels
+OVERVIEW_CLASSES = 16  # rows of the set's overview sheet (a report item)
+OVERVIEW_PER_CLASS = 8  # images per row
 
 
 @dataclass
@@ -139,17 +142,49 @@ def _write_image(path: Path, image: np.ndarray, latent: np.ndarray) -> None:
 
 def contact_sheet(paths: list[Path], out: Path) -> None:
     """One grid image of `paths` (rows of ceil(sqrt(n))), cells at most THUMB pixels."""
-    images = [Image.open(p).convert("RGB") for p in paths]
-    side = min(THUMB, images[0].width)
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * side, rows * side), "white")
-    for i, image in enumerate(images):
-        sheet.paste(
-            image.resize((side, side), Image.BICUBIC), ((i % cols) * side, (i // cols) * side)
-        )
+    cols = math.ceil(math.sqrt(len(paths)))
+    grid_sheet([paths[i : i + cols] for i in range(0, len(paths), cols)], out)
+
+
+def grid_sheet(grid: list[list[Path]], out: Path) -> None:
+    """Write the images of `grid` (a list of rows) as one PNG, cells at most THUMB pixels.
+
+    Rows may be shorter than the widest (left-aligned, white after them).
+    """
+    with Image.open(grid[0][0]) as first:
+        side = min(THUMB, first.width)
+    cols = max(len(row) for row in grid)
+    sheet = Image.new("RGB", (cols * side, len(grid) * side), "white")
+    for r, row in enumerate(grid):
+        for c, path in enumerate(row):
+            with Image.open(path) as image:
+                cell = image.convert("RGB").resize((side, side), Image.BICUBIC)
+            sheet.paste(cell, (c * side, r * side))
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")
+
+
+def overview_grid(rows: list[dict], root: Path) -> list[list[Path]]:
+    """Image paths for the overview: a row per class, its first OVERVIEW_PER_CLASS samples.
+
+    With more than OVERVIEW_CLASSES classes, that many are taken evenly spread
+    (first and last included), so ImageNet's 1,000 classes still give one
+    readable picture.
+    """
+    by_class: dict[int, list[dict]] = {}
+    for row in rows:
+        by_class.setdefault(int(row["class"]), []).append(row)
+    classes = sorted(by_class)
+    if len(classes) > OVERVIEW_CLASSES:
+        picks = np.linspace(0, len(classes) - 1, OVERVIEW_CLASSES).round().astype(int)
+        classes = [classes[i] for i in picks]
+    return [
+        [
+            root / row["image"]
+            for row in sorted(by_class[c], key=lambda row: int(row["sample"]))[:OVERVIEW_PER_CLASS]
+        ]
+        for c in classes
+    ]
 
 
 def _generate_batch(pipe, encoder, vectors: torch.Tensor, seeds: list[int], s: SampleSettings):
@@ -298,6 +333,7 @@ def collect(
     id_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     settings: SampleSettings,
+    overview: str | os.PathLike | None = None,
 ) -> Path:
     """Join the shards into a curated dataset at the ID images' size; return its manifest.
 
@@ -305,6 +341,7 @@ def collect(
     set, which oe and oaml read whole. `synthesis.csv` beside the manifest
     gives each row's seed, embedding id, prompt and sampler settings; its
     `image`/`latent` are the full-resolution files under the synthesis root.
+    `overview`, if given, is where to write `overview_grid`'s sheet (after the set).
     """
     from ood.data.manifest import load_image_size, write_dataset
     from ood.synthesis.pipeline import PLACEHOLDER
@@ -351,9 +388,12 @@ def collect(
     info = json.dumps(
         {"source": "synthesis", "root": str(root), "settings": asdict(settings)}, indent=1
     )
-    return write_dataset(
+    manifest = write_dataset(
         out_dir, _Sized(records, len(rows)), info=info, extra={"synthesis.csv": text.getvalue()}
     )
+    if overview is not None:
+        grid_sheet(overview_grid(rows, root), Path(overview))
+    return manifest
 
 
 class _Sized:

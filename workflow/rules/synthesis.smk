@@ -77,7 +77,13 @@ rule synth_collect:
         shards=synth_shards,
         id_manifest=lambda w: manifest(BENCHMARKS[w.benchmark]["id_dataset"]),
     output:
-        "results/outliers/{benchmark}/{synth}/set/manifest.csv",
+        manifest="results/outliers/{benchmark}/{synth}/set/manifest.csv",
+        overview=report(
+            "results/outliers/{benchmark}/{synth}/overview.png",
+            caption="../report/synthesis_overview.rst",
+            category="Outlier synthesis",
+            labels={"benchmark": "{benchmark}", "set": "{synth}"},
+        ),
     log:
         "results/logs/synthesis/{benchmark}/{synth}/collect.log",
     conda:
@@ -91,4 +97,5 @@ rule synth_collect:
         settings=lambda w: to_json(synth_spec(w).get("sample", {})),
     shell:
         "ood synth-collect --shards {input.shards} --root {params.root}"
-        " --id-manifest {input.id_manifest} --out {output} --settings {params.settings:q} 2> {log}"
+        " --id-manifest {input.id_manifest} --out {output.manifest}"
+        " --overview {output.overview} --settings {params.settings:q} 2> {log}"
