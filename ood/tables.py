@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -136,7 +137,20 @@ def build_long_table(
     return table.sort_values(
         ["benchmark", "method", "backbone", "seed", "variant", "ood_group", "ood_dataset"],
         ignore_index=True,
+        key=lambda column: (
+            column.map(_natural_ranks(column)) if column.name == "variant" else column
+        ),
     )
+
+
+def _natural_key(text: str) -> list:
+    """'knn-k10' -> ['knn-k', 10, '']: numbers inside names compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _natural_ranks(column: pd.Series) -> dict[str, int]:
+    """Rank of each distinct value in natural order (knn-k5 < knn-k10 < knn-k50)."""
+    return {value: rank for rank, value in enumerate(sorted(set(column), key=_natural_key))}
 
 
 def _pct(mean: float, std: float, n: int) -> str:
@@ -172,7 +186,10 @@ def wide_markdown(table: pd.DataFrame, benchmark: str, benchmarks: dict) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
-    for (method, backbone, scorer), rows in part.groupby(["method", "backbone", "variant"]):
+    # sort=False: the long table's order (variants in natural order, not as text).
+    for (method, backbone, scorer), rows in part.groupby(
+        ["method", "backbone", "variant"], sort=False
+    ):
         seeds = rows["seed"].nunique()
         acc = rows.groupby("seed")["id_acc"].first()
         cells = [method, backbone, scorer, str(seeds), _pct(acc.mean(), acc.std(ddof=0), seeds)]

@@ -315,6 +315,20 @@ def test_markdown_single_seed_has_no_spread(dumps):
     assert len(pd.read_csv(out / "all.csv")) == 6
 
 
+def test_grid_variants_sort_by_their_numbers_not_as_text(tmp_path):
+    variants = ("knn-k50", "knn-k5", "knn-k10", "react-p90")
+    files = [
+        write_score_file(tmp_path, 0, v, d, values, {"scorer": v.split("-")[0], "variant": v})
+        for v in variants
+        for d, values in ((ID_SET, HAND_ID), ("svhn", [0.1, 0.2]))
+    ]
+    table = build_long_table(files, [write_id_features(tmp_path, 0)], BENCHMARKS)
+    natural = ["knn-k5", "knn-k10", "knn-k50", "react-p90"]
+    assert table["variant"].tolist() == natural
+    markdown = wide_markdown(table, BENCH, BENCHMARKS).splitlines()
+    assert [cells(line)[2] for line in markdown if line.startswith(f"| {METHOD} |")] == natural
+
+
 # -- errors -----------------------------------------------------------------------
 
 
