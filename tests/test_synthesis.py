@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -304,11 +305,23 @@ def test_two_shards_make_the_same_images_as_one(embeddings, pipeline_dir, one_ru
 
 
 def test_other_sampler_settings_never_reuse_older_images(
-    embeddings, pipeline_dir, one_run, tmp_path
+    embeddings, pipeline_dir, one_run, tiny_digits, tmp_path, caplog
 ):
+    shutil.copytree(one_run / "generated", tmp_path / "generated")  # an older run's images
     rows = _generate(embeddings, pipeline_dir, tmp_path, (1, 1), steps=3)
     old = list(csv.DictReader(open(one_run / "shards/1of1.csv")))
-    assert rows[0]["image"].split("/")[1] != old[0]["image"].split("/")[1]
+    old_run, new_run = old[0]["image"].split("/")[1], rows[0]["image"].split("/")[1]
+    assert new_run != old_run
+    # Collecting names the older run as unused (it stays on disk).
+    caplog.set_level("INFO", logger="ood.synthesis.generate")
+    caplog.clear()
+    settings = gen.SampleSettings(**{**SAMPLE, "steps": 3})
+    gen.collect([tmp_path / "shards/1of1.csv"], tmp_path, tiny_digits, tmp_path / "set", settings)
+    assert (
+        f"older runs not in this set (from other settings; delete them to free space): {old_run}"
+        in caplog.text
+    )
+    assert new_run not in caplog.text and (tmp_path / "generated" / old_run).is_dir()
 
 
 # --- the outlier set -----------------------------------------------------------------------

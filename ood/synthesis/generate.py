@@ -393,6 +393,14 @@ def collect(
     )
     if overview is not None:
         grid_sheet(overview_grid(rows, root), Path(overview))
+    used = {Path(row["image"]).parts[1] for row in rows}  # generated/<run>/class.../....png
+    stale = sorted(p.name for p in (root / "generated").iterdir() if p.name not in used)
+    if stale:  # kept, as a return to older settings reuses them; but they take disk space
+        log.info(
+            "%s: older runs not in this set (from other settings; delete them to free space): %s",
+            root / "generated",
+            ", ".join(stale),
+        )
     return manifest
 
 
