@@ -386,6 +386,10 @@ def test_synthesis_feeds_outlier_training(tmp_path):
     assert len(read_manifest(root / "set")) == 9  # 3 classes x keep 3
     assert len(list((root / "contact").glob("class*.png"))) == 3
     assert Image.open(root / "overview.png").size == (3 * 32, 3 * 32)  # 3 classes x 3 samples
+    # The overview is an item of the Snakemake report, in its own category.
+    snakemake(workdir, target, "--report", "report.html", *args)
+    report = (workdir / "report.html").read_text()
+    assert "Outlier synthesis" in report and "overview.png" in report
     meta = torch.load(workdir / target, weights_only=False)["meta"]
     assert meta["n_outliers"] == 9
     assert meta["outliers_manifest_sha256"] == sha256_file(root / "set/manifest.csv")
