@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 import ood
 from ood.data.manifest import load_images, manifest_sha256
+from ood.data.views import StreamedImages
 from ood.io import FeatureSet, sha256_file, write_features
 from ood.models.backbones import N_VIEWS, features_and_logits, load_checkpoint
 from ood.models.specs import BACKBONES
@@ -45,10 +46,14 @@ def extract(
     dev = select_device(device)
     model, meta = load_checkpoint(checkpoint)
     model.to(dev)
-    images, labels, index = load_images(dataset_dir, split=split)
     size = BACKBONES[meta["backbone"]].input_size
-    upsample = input_size_for(images.shape, size, f"{dataset_dir} (model {checkpoint})")
     mean, std = meta["settings"]["mean"], meta["settings"]["std"]
+    if meta["settings"].get("images", "memory") == "stream":  # as the model was trained
+        images = StreamedImages(dataset_dir, split, size, threads, verify=True)
+        labels, index, upsample = images.labels, images.index, None
+    else:
+        images, labels, index = load_images(dataset_dir, split=split)
+        upsample = input_size_for(images.shape, size, f"{dataset_dir} (model {checkpoint})")
 
     features, logits, view_rows = [], [], []
     with torch.inference_mode():
@@ -58,8 +63,8 @@ def extract(
             file=sys.stderr,
             mininterval=2.0,
         ):
-            batch = to_model_input(images[start : start + batch_size], mean, std, upsample)
-            batch = batch.to(dev)
+            pixels = images[start : start + batch_size]  # decoded here if streamed
+            batch = to_model_input(pixels, mean, std, upsample).to(dev)
             out = features_and_logits(model, batch, views=views)
             features.append(out[0].float().cpu().numpy())
             logits.append(out[1].float().cpu().numpy())

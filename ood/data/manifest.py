@@ -262,6 +262,7 @@ def load_images(
         elif array.shape != images.shape[1:]:
             raise DatasetError(
                 f"{file}: size {array.shape[:2]} differs from the dataset's {images.shape[1:3]}"
+                " (images of several sizes are read with the training setting images: stream)"
             )
         images[i] = array
     labels = np.array([row.label for row in rows], dtype=np.int64)

@@ -85,6 +85,15 @@ class Network:
         )
 
     @property
+    def input_size(self) -> int:
+        return BACKBONES[self.meta["backbone"]].input_size
+
+    @property
+    def streamed(self) -> bool:
+        """Trained on streamed views (`images: stream`): score the same eval views."""
+        return self.meta.get("settings", {}).get("images", "memory") == "stream"
+
+    @property
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 

@@ -40,14 +40,23 @@ def read_head(checkpoint: str | os.PathLike) -> Head:
     return Head(weight=weight.double().numpy(), bias=bias.double().numpy())
 
 
-def images_for(dump: FeatureSet, dataset_dir: str | os.PathLike, where: str) -> np.ndarray:
-    """The images of a dump's rows, in the dump's row order, from the dataset it was made from."""
+def images_for(dump: FeatureSet, dataset_dir: str | os.PathLike, where: str, network=None):
+    """The images of a dump's rows, in the dump's row order, from the dataset it was made from.
+
+    A uint8 (N, H, W, 3) array; for a model trained on streamed images, a
+    `StreamedImages` of the same eval views the features saw, decoded per batch.
+    """
     from ood.data.manifest import load_images
+    from ood.data.views import StreamedImages
 
     split = dump.metadata.get("split")
     if split not in ("train", "test"):
         raise ValueError(f"{where}: the dump's metadata names no split (got {split!r})")
-    images, _, index = load_images(dataset_dir, split=split)
+    if network is not None and network.streamed:
+        images = StreamedImages(dataset_dir, split, network.input_size, verify=True)
+        index = images.index
+    else:
+        images, _, index = load_images(dataset_dir, split=split)
     position = {int(i): row for row, i in enumerate(index)}
     try:
         rows = [position[int(i)] for i in dump.index]
@@ -56,7 +65,7 @@ def images_for(dump: FeatureSet, dataset_dir: str | os.PathLike, where: str) -> 
             f"{where}: dump row index {exc.args[0]} is not in {dataset_dir} ({split} split); "
             "was the dump made from another dataset?"
         ) from None
-    return images[rows]
+    return images[rows] if isinstance(images, np.ndarray) else images.take(rows)
 
 
 def score_dumps(
@@ -118,7 +127,7 @@ def score_dumps(
         if network is not None and model.fit_images:
             if train_data is None:
                 raise ValueError(f"scorer {scorer!r} fits on the train images; give train_data")
-            train_images = images_for(train, train_data, str(train_path))
+            train_images = images_for(train, train_data, str(train_path), network)
         model.fit(train, threads=threads, extras=Extras(head, network, train_images))
         del train, train_images  # hold one dataset beyond the fitted state, not two
         metadata["train_path"] = str(train_path)
@@ -127,7 +136,7 @@ def score_dumps(
     results = []
     for test_path, out_path, test_data in tests:
         test = read_features(test_path, columns=columns, extra=extra)
-        images = images_for(test, test_data, str(test_path)) if network is not None else None
+        images = None if network is None else images_for(test, test_data, str(test_path), network)
         scores = ScoreSet(
             index=test.index,
             label=test.label,

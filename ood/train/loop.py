@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ood.data.manifest import load_images, manifest_sha256
+from ood.data.views import StreamedImages
 from ood.io import atomic_path, sha256_file, write_text_atomic
 from ood.models.backbones import build_model, save_checkpoint
 from ood.models.specs import BACKBONES
@@ -61,8 +62,14 @@ class TrainSettings:
     # adamw only: per-block lr decay from the head down (BEiT's layer decay), via timm; 1 = off.
     layer_decay: float = 1.0
     warmup_epochs: int = 0  # linear warm-up before the cosine schedule
+    # memory: decode the split once (one image size; crop_padding/hflip augment, smaller
+    # images upsampled). stream: decode per batch, any sizes, random-resized crops to the
+    # backbone's size (+ hflip) for training, central crops for features (ood.data.views).
+    images: str = "memory"
 
     def __post_init__(self) -> None:
+        if self.images not in ("memory", "stream"):
+            raise ValueError(f"training setting images: {self.images!r}; known: memory, stream")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"training setting optimizer: {self.optimizer!r}; known: sgd, adamw")
         if self.layer_decay != 1.0 and self.optimizer != "adamw":
@@ -142,7 +149,14 @@ def augment(batch: torch.Tensor, settings: TrainSettings, gen: torch.Generator) 
     return batch
 
 
-def _outlier_inputs(objective, outliers_dir, size: int, settings: TrainSettings):
+def _outlier_inputs(
+    objective,
+    outliers_dir,
+    size: int,
+    settings: TrainSettings,
+    upsample: int | None = None,
+    threads: int | None = None,
+):
     """The outlier images as model input, for methods that train on them; else None."""
     if not objective.outliers:
         if outliers_dir is not None:
@@ -153,6 +167,8 @@ def _outlier_inputs(objective, outliers_dir, size: int, settings: TrainSettings)
             f"method {objective.name!r} trains on an auxiliary outlier set; give one "
             "(config: methods.<method>.outliers)"
         )
+    if settings.images == "stream":
+        return _Streamed(StreamedImages(outliers_dir, None, size, threads), settings)
     images, _, _ = load_images(outliers_dir, split=None)
     if images is None or len(images) == 0:
         raise ValueError(f"{outliers_dir}: the outlier set has no images")
@@ -161,7 +177,34 @@ def _outlier_inputs(objective, outliers_dir, size: int, settings: TrainSettings)
             f"{outliers_dir}: outlier images are {images.shape[1]}x{images.shape[2]}, "
             f"the ID images {size}x{size}; curate them at the same size"
         )
-    return to_model_input(images, settings.mean, settings.std)
+    return _InMemory(to_model_input(images, settings.mean, settings.std), settings, upsample)
+
+
+class _InMemory:
+    """Decoded, normalised images; train views by crop-padding/flip, then upsampling."""
+
+    def __init__(self, inputs: torch.Tensor, settings: TrainSettings, upsample: int | None):
+        self.inputs, self.settings, self.upsample = inputs, settings, upsample
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def views(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return resize_input(augment(self.inputs[idx], self.settings, gen), self.upsample)
+
+
+class _Streamed:
+    """Images decoded per batch as random-resized crops at the backbone's size."""
+
+    def __init__(self, images: StreamedImages, settings: TrainSettings):
+        self.images, self.settings = images, settings
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def views(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        batch = self.images.batch(idx, gen, hflip=self.settings.hflip)
+        return to_model_input(batch, self.settings.mean, self.settings.std)
 
 
 def make_optimizer(model: nn.Module, extra: nn.Module | None, settings: TrainSettings, steps: int):
@@ -255,17 +298,24 @@ def train(
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
 
-    images, labels, _ = load_images(dataset_dir, split="train")
-    num_classes = int(labels.max()) + 1
     size = BACKBONES[backbone].input_size
-    upsample = input_size_for(images.shape, size, f"{dataset_dir} (backbone {backbone!r})")
-    inputs = to_model_input(images, settings.mean, settings.std)  # augmented at their own size
+    if settings.images == "stream":
+        inputs = _Streamed(StreamedImages(dataset_dir, "train", size, threads), settings)
+        labels, image_side, upsample = inputs.images.labels, size, None
+    else:
+        images, labels, _ = load_images(dataset_dir, split="train")
+        upsample = input_size_for(images.shape, size, f"{dataset_dir} (backbone {backbone!r})")
+        # augmented at their own size, then upsampled
+        inputs = _InMemory(to_model_input(images, settings.mean, settings.std), settings, upsample)
+        image_side = images.shape[1]
+        del images
+    num_classes = int(labels.max()) + 1
     targets = torch.as_tensor(labels)
     n = len(targets)
     steps_per_epoch = (n + settings.batch_size - 1) // settings.batch_size
 
     objective = get_objective(method, settings.method_params)
-    outliers = _outlier_inputs(objective, outliers_dir, images.shape[1], settings)
+    outliers = _outlier_inputs(objective, outliers_dir, image_side, settings, upsample, threads)
     outlier_batch = settings.outlier_batch_size or 2 * settings.batch_size
     if objective.needs_teacher and not teacher:
         raise ValueError(
@@ -370,19 +420,14 @@ def train(
         loss_sum, correct, scored = 0.0, 0, 0
         for step in range(steps_per_epoch):
             idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            views = [
-                resize_input(augment(inputs[idx], settings, gen), upsample).to(dev)
-                for _ in range(objective.views)
-            ]
+            views = [inputs.views(idx, gen).to(dev) for _ in range(objective.views)]
             target = targets[idx].to(dev)
             batch = Batch(views, target, epoch=epoch, phase=phase.name, gen=gen)
             if outliers is not None:
                 picks = outlier_order[
                     torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
                 ]
-                batch.outliers = resize_input(
-                    augment(outliers[picks], settings, outlier_gen), upsample
-                ).to(dev)
+                batch.outliers = outliers.views(picks, outlier_gen).to(dev)
             if on_gpu:
                 batch.views = [v.contiguous(memory_format=layout) for v in batch.views]
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
