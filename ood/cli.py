@@ -134,6 +134,7 @@ def cmd_synth_collect(args: argparse.Namespace) -> None:
         _dataset_dir(args.out),
         SampleSettings.from_dict(args.settings),
         overview=args.overview,
+        keep_size=args.keep_size,
     )
     log.info("wrote the outlier set %s", manifest)
 
@@ -328,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", type=_json_arg, default={}, help="JSON sampler settings")
     p.add_argument(
         "--overview", help="PNG to write: a row of images per class (at most 16 classes)"
+    )
+    p.add_argument(
+        "--keep-size",
+        action="store_true",
+        help="keep the generated size (for images: stream) instead of the ID images' size",
     )
 
     p = add("features", cmd_features, "dump logits and penultimate features to Parquet")

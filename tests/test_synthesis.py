@@ -390,6 +390,15 @@ def test_collect_resizes_to_the_id_size_and_names_a_missing_shard(
         [one_run / "shards/1of1.csv"], one_run, tiny_digits_16, tmp_path / "set", settings
     )
     assert load_images(manifest.parent)[0].shape == (9, 16, 16, 3)
+    kept = gen.collect(
+        [one_run / "shards/1of1.csv"],
+        one_run,
+        tiny_digits_16,
+        tmp_path / "kept",
+        settings,
+        keep_size=True,
+    )
+    assert load_images(kept.parent)[0].shape == (9, 32, 32, 3)  # for images: stream
     rows = list(csv.DictReader(open(one_run / "shards/1of1.csv")))
     partial = tmp_path / "part.csv"
     with open(partial, "w", newline="") as handle:

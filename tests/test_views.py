@@ -201,3 +201,22 @@ def _norm(meta):
 def test_images_setting_is_checked():
     with pytest.raises(ValueError, match="training setting images: 'disk'; known: memory, stream"):
         TrainSettings.from_dict({"images": "disk"})
+
+
+def test_class_embeddings_learn_from_streamed_images_of_several_sizes(mixed_sizes):
+    from ood.synthesis import embeddings as emb
+
+    images = StreamedImages(mixed_sizes, "train", SIZE, threads=2)
+    table = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    settings = emb.EmbedSettings(
+        encoder=TINY_BACKBONE, epochs=4, batch_size=4, lr=0.05, images="stream"
+    )
+    class_emb, id_emb, accuracy = emb.learn_embeddings(
+        images, images.labels, 2, table, settings, torch.device("cpu")
+    )
+    assert class_emb.shape == (2, 16) and id_emb.shape == (12, 16)
+    # Bright against dark: the nearest class embedding (by cosine) gets every image right.
+    nearest = (id_emb @ torch.nn.functional.normalize(class_emb, dim=1).T).argmax(1)
+    assert nearest.tolist() == images.labels.tolist() and accuracy == 1.0
+    with pytest.raises(ValueError, match="synthesis setting images: 'disk'"):
+        emb.EmbedSettings(images="disk")

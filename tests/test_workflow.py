@@ -278,8 +278,17 @@ def test_real_benchmark_configs_plan(tmp_path, name):
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).touch()
     result = snakemake(
-        workdir, "results/tables/all.csv", "-n", "--configfile", f"config/{name}.yaml"
+        workdir, "results/tables/all.csv", "-n", "-p", "--configfile", f"config/{name}.yaml"
     )
+    # ImageNet's images differ in size: its models, class embeddings and synthesised
+    # sets are streamed; the CIFAR benchmarks decode their 32x32 images once.
+    output = result.stdout + result.stderr
+    streamed = name.startswith("imagenet")
+    assert bench["train"].get("images", "memory") == ("stream" if streamed else "memory")
+    trains = re.findall(r"ood train .*", output)
+    assert trains and all(('"images":"stream"' in c) == streamed for c in trains)
+    for command in re.findall(r"ood synth-(?:embed|collect) .*", output):
+        assert ('"images":"stream"' in command or "--keep-size" in command) == streamed
     ood = [d for group in bench["ood"].values() for d in group]
     synthesis = bench.get("synthesis", {})
     outliers = {spec["outliers"] for spec in bench["methods"].values() if "outliers" in spec}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ood.data.views import StreamedImages
 from ood.synthesis import check_positive, settings_from_dict
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,13 @@ class EmbedSettings:
     keep: int = 50  # outlier embeddings kept per class
     pool: int = 1000  # candidates drawn per class (ours)
     seed: int = 0
+    # memory or stream, as the training setting (stream: any image sizes, decoded per batch)
+    images: str = "memory"
 
     def __post_init__(self) -> None:
         check_positive(self, ("epochs", "batch_size", "k", "keep", "pool"))
+        if self.images not in ("memory", "stream"):
+            raise ValueError(f"synthesis setting images: {self.images!r}; known: memory, stream")
         if self.keep > self.pool:
             raise ValueError(
                 f"synthesis setting keep ({self.keep}) exceeds pool ({self.pool}): "
@@ -119,6 +124,17 @@ class _Encoder(nn.Module):
         return nn.functional.normalize(self.project(self._feature(x)), dim=1)
 
 
+def _encoder_size(encoder: str) -> int:
+    from ood.models.specs import BACKBONES
+
+    if encoder not in BACKBONES:
+        raise ValueError(
+            f"synthesis setting encoder: unknown backbone {encoder!r}; "
+            f"known: {', '.join(sorted(BACKBONES))}"
+        )
+    return BACKBONES[encoder].input_size
+
+
 def _recalibrate_norms(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Batch-norm statistics as the exact mean over `batches`: a short training run
     leaves running averages far from them, and the ID embeddings are read in eval mode."""
@@ -135,7 +151,7 @@ def _recalibrate_norms(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 def learn_embeddings(
-    images: np.ndarray,
+    images: np.ndarray | StreamedImages,
     labels: np.ndarray,
     num_classes: int,
     token_table: torch.Tensor,
@@ -146,32 +162,32 @@ def learn_embeddings(
     is that of the nearest class embedding, on the train images without augmentation.
 
     Trains the encoder and the class embeddings jointly (SGD, cosine schedule,
-    random crops) on `images` (N, H, W, 3 uint8) with `labels` in 0..C-1.
+    random crops) on `images` (N, H, W, 3 uint8, or streamed views at the
+    encoder's size) with `labels` in 0..C-1.
     """
-    from ood.models.specs import BACKBONES
     from ood.train.loop import (
+        MemoryInputs,
+        StreamedInputs,
         TrainSettings,
-        augment,
         input_size_for,
-        resize_input,
         to_model_input,
     )
 
-    if settings.encoder not in BACKBONES:
-        raise ValueError(
-            f"synthesis setting encoder: unknown backbone {settings.encoder!r}; "
-            f"known: {', '.join(sorted(BACKBONES))}"
-        )
-    spec = BACKBONES[settings.encoder]
-    size = input_size_for(images.shape, spec.input_size, "synthesis encoder")
-    loop = TrainSettings(batch_size=settings.batch_size)  # crop/flip and normalisation defaults
+    input_size = _encoder_size(settings.encoder)
+    if isinstance(images, np.ndarray):
+        loop = TrainSettings(batch_size=settings.batch_size)  # crop/flip, normalisation defaults
+        size = input_size_for(images.shape, input_size, "synthesis encoder")
+        inputs = MemoryInputs(to_model_input(images, loop.mean, loop.std), loop, size)
+    else:  # random-resized crops and flips, as streamed training
+        loop = TrainSettings(batch_size=settings.batch_size, hflip=True, images="stream")
+        inputs = StreamedInputs(images, loop)
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     dim = token_table.shape[1]
     mean_norm = float(token_table.detach().float().norm(dim=1).mean())
     # Only the direction is learned (the loss sees cosines); the norm stays a typical token's.
     direction = nn.Parameter(torch.randn(num_classes, dim, generator=gen).to(device))
-    encoder = _Encoder(settings.encoder, num_classes, dim, spec.input_size)
+    encoder = _Encoder(settings.encoder, num_classes, dim, input_size)
     encoder.to(device)
     steps_per_epoch = -(-len(images) // settings.batch_size)
     optimizer = torch.optim.SGD(
@@ -185,7 +201,6 @@ def learn_embeddings(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.epochs * steps_per_epoch
     )
-    x_all = to_model_input(images, loop.mean, loop.std)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     bar = tqdm(range(settings.epochs), desc="class embeddings", unit="epoch", file=sys.stderr)
     for _ in bar:
@@ -193,7 +208,7 @@ def learn_embeddings(
         order = torch.randperm(len(images), generator=gen)
         for step in range(steps_per_epoch):
             pick = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            x = resize_input(augment(x_all[pick], loop, gen), size)
+            x = inputs.views(pick, gen)
             y = y_all[pick].to(device)
             z = encoder(x.to(device))
             logits = z @ nn.functional.normalize(direction, dim=1).T / settings.temperature
@@ -203,12 +218,10 @@ def learn_embeddings(
             optimizer.step()
             schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    _recalibrate_norms(encoder, [resize_input(x, size).to(device) for x in x_all.split(256)])
+    _recalibrate_norms(encoder, (x.to(device) for x in inputs.eval_batches(256)))
     encoder.eval()
     with torch.no_grad():
-        z_all = torch.cat(
-            [encoder(resize_input(x, size).to(device)).cpu() for x in x_all.split(256)]
-        )
+        z_all = torch.cat([encoder(x.to(device)).cpu() for x in inputs.eval_batches(256)])
     unit = nn.functional.normalize(direction.detach().cpu(), dim=1)
     # Accuracy of the nearest class embedding on the un-augmented train images.
     accuracy = float(((z_all @ unit.T).argmax(1) == y_all).float().mean())
@@ -255,7 +268,12 @@ def embed(
         torch.set_num_threads(threads)
     # As in training: the same bytes from the same inputs, on one machine or a cluster.
     torch.use_deterministic_algorithms(True, warn_only=True)
-    images, labels, _ = load_images(id_dir, split="train")
+    if settings.images == "stream":
+        size = _encoder_size(settings.encoder)
+        images = StreamedImages(id_dir, "train", size, threads)
+        labels = images.labels
+    else:
+        images, labels, _ = load_images(id_dir, split="train")
     num_classes = int(labels.max()) + 1
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:

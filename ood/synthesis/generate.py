@@ -334,6 +334,7 @@ def collect(
     out_dir: str | os.PathLike,
     settings: SampleSettings,
     overview: str | os.PathLike | None = None,
+    keep_size: bool = False,
 ) -> Path:
     """Join the shards into a curated dataset at the ID images' size; return its manifest.
 
@@ -342,6 +343,8 @@ def collect(
     gives each row's seed, embedding id, prompt and sampler settings; its
     `image`/`latent` are the full-resolution files under the synthesis root.
     `overview`, if given, is where to write `overview_grid`'s sheet (after the set).
+    `keep_size` keeps the generated size, for models trained on streamed
+    images (`images: stream`), which crop any size themselves.
     """
     from ood.data.manifest import load_image_size, write_dataset
     from ood.synthesis.pipeline import PLACEHOLDER
@@ -357,13 +360,13 @@ def collect(
             f"shards {[str(p) for p in shard_csvs]} do not cover embedding ids 0..N-1 "
             "exactly once (a shard missing or given twice?)"
         )
-    height, width = load_image_size(id_dir)
+    height, width = (0, 0) if keep_size else load_image_size(id_dir)
 
     def records():
         for row in rows:
             with Image.open(root / row["image"]) as image:
                 image = image.convert("RGB")
-                if image.size != (width, height):
+                if not keep_size and image.size != (width, height):
                     image = image.resize((width, height), Image.BICUBIC)
                 yield "train", int(row["class"]), np.asarray(image)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def _outlier_inputs(
             "(config: methods.<method>.outliers)"
         )
     if settings.images == "stream":
-        return _Streamed(StreamedImages(outliers_dir, None, size, threads), settings)
+        return StreamedInputs(StreamedImages(outliers_dir, None, size, threads), settings)
     images, _, _ = load_images(outliers_dir, split=None)
     if images is None or len(images) == 0:
         raise ValueError(f"{outliers_dir}: the outlier set has no images")
@@ -177,10 +178,10 @@ def _outlier_inputs(
             f"{outliers_dir}: outlier images are {images.shape[1]}x{images.shape[2]}, "
             f"the ID images {size}x{size}; curate them at the same size"
         )
-    return _InMemory(to_model_input(images, settings.mean, settings.std), settings, upsample)
+    return MemoryInputs(to_model_input(images, settings.mean, settings.std), settings, upsample)
 
 
-class _InMemory:
+class MemoryInputs:
     """Decoded, normalised images; train views by crop-padding/flip, then upsampling."""
 
     def __init__(self, inputs: torch.Tensor, settings: TrainSettings, upsample: int | None):
@@ -192,9 +193,15 @@ class _InMemory:
     def views(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return resize_input(augment(self.inputs[idx], self.settings, gen), self.upsample)
 
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every image un-augmented, in order, `batch_size` at a time."""
+        for x in self.inputs.split(batch_size):
+            yield resize_input(x, self.upsample)
 
-class _Streamed:
-    """Images decoded per batch as random-resized crops at the backbone's size."""
+
+class StreamedInputs:
+    """Images decoded per batch: random-resized crops at the backbone's size to train,
+    central crops to evaluate (`ood.data.views`)."""
 
     def __init__(self, images: StreamedImages, settings: TrainSettings):
         self.images, self.settings = images, settings
@@ -205,6 +212,11 @@ class _Streamed:
     def views(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         batch = self.images.batch(idx, gen, hflip=self.settings.hflip)
         return to_model_input(batch, self.settings.mean, self.settings.std)
+
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.images), batch_size):
+            batch = self.images[start : start + batch_size]
+            yield to_model_input(batch, self.settings.mean, self.settings.std)
 
 
 def make_optimizer(model: nn.Module, extra: nn.Module | None, settings: TrainSettings, steps: int):
@@ -300,13 +312,15 @@ def train(
 
     size = BACKBONES[backbone].input_size
     if settings.images == "stream":
-        inputs = _Streamed(StreamedImages(dataset_dir, "train", size, threads), settings)
+        inputs = StreamedInputs(StreamedImages(dataset_dir, "train", size, threads), settings)
         labels, image_side, upsample = inputs.images.labels, size, None
     else:
         images, labels, _ = load_images(dataset_dir, split="train")
         upsample = input_size_for(images.shape, size, f"{dataset_dir} (backbone {backbone!r})")
         # augmented at their own size, then upsampled
-        inputs = _InMemory(to_model_input(images, settings.mean, settings.std), settings, upsample)
+        inputs = MemoryInputs(
+            to_model_input(images, settings.mean, settings.std), settings, upsample
+        )
         image_side = images.shape[1]
         del images
     num_classes = int(labels.max()) + 1

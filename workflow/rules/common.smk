@@ -131,10 +131,17 @@ def synth_root(w):
     return f"results/outliers/{w.benchmark}/{w.synth}"
 
 
+def benchmark_images(benchmark):
+    """memory or stream: how the benchmark's models read images (train setting images)."""
+    return BENCHMARKS[benchmark].get("train", {}).get("images", "memory")
+
+
 def synth_embed_settings(w):
-    """Embedding settings; the image encoder defaults to the benchmark's backbone."""
+    """Embedding settings; the image encoder and how it reads images default to the
+    benchmark's backbone and train setting."""
     return {
         "encoder": BENCHMARKS[w.benchmark]["backbone"],
+        "images": benchmark_images(w.benchmark),
         **synth_spec(w).get("embed", {}),
     }
 

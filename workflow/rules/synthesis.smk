@@ -95,7 +95,10 @@ rule synth_collect:
     params:
         root=synth_root,
         settings=lambda w: to_json(synth_spec(w).get("sample", {})),
+        # streamed models crop any size: keep the generated one
+        keep_size=lambda w: "--keep-size" if benchmark_images(w.benchmark) == "stream" else "",
     shell:
         "ood synth-collect --shards {input.shards} --root {params.root}"
         " --id-manifest {input.id_manifest} --out {output.manifest}"
-        " --overview {output.overview} --settings {params.settings:q} 2> {log}"
+        " --overview {output.overview} --settings {params.settings:q} {params.keep_size}"
+        " 2> {log}"
