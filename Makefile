@@ -39,9 +39,10 @@ report: $(STAMP)
 clean:
 	rm -rf results resources .snakemake
 
-# Scorer, workflow-overhead, training- and synthesis-throughput benchmarks (benchmarks/README.md): `make bench QUICK=1` for a smoke run.
+# Scorer, workflow-overhead, training-, synthesis- and streaming-throughput benchmarks (benchmarks/README.md): `make bench QUICK=1` for a smoke run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(if $(QUICK),--quick)
 	$(BIN)/python benchmarks/workflow_overhead.py $(if $(QUICK),--quick)
 	$(BIN)/python benchmarks/train_throughput.py $(if $(QUICK),--quick)
 	$(BIN)/python benchmarks/synthesis_throughput.py $(if $(QUICK),--quick)
+	$(BIN)/python benchmarks/stream_throughput.py $(if $(QUICK),--quick)
