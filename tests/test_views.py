@@ -220,3 +220,23 @@ def test_class_embeddings_learn_from_streamed_images_of_several_sizes(mixed_size
     assert nearest.tolist() == images.labels.tolist() and accuracy == 1.0
     with pytest.raises(ValueError, match="synthesis setting images: 'disk'"):
         emb.EmbedSettings(images="disk")
+
+
+def test_prefetched_batches_are_the_views_drawn_in_announced_order(mixed_sizes):
+    from ood.train.loop import StreamedInputs, to_model_input
+
+    settings = TrainSettings.from_dict({"images": "stream", "hflip": True})
+    images = StreamedImages(mixed_sizes, "train", SIZE, threads=2)
+    calls = [torch.tensor([0, 1, 2]), torch.tensor([3, 4]), torch.tensor([0, 1, 2])]
+    inputs = StreamedInputs(images, settings)
+    inputs.start_epoch(calls, torch.Generator().manual_seed(5))
+    got = [inputs.views(idx, None) for idx in calls]
+    # Synchronously, one generator drawn in the same order: the same tensors.
+    gen = torch.Generator().manual_seed(5)
+    for idx, tensor in zip(calls, got, strict=True):
+        batch = images.batch(idx, gen, hflip=True)
+        torch.testing.assert_close(tensor, to_model_input(batch, settings.mean, settings.std))
+    assert not torch.equal(got[0], got[2])  # the same rows, new random crops
+    inputs.start_epoch(calls, torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match="out of the order announced"):
+        inputs.views(torch.tensor([3, 4]), None)

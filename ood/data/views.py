@@ -145,6 +145,11 @@ class StreamedImages:
         (flipped at random if `hflip`), eval views if `gen` is None."""
         idx = [int(i) for i in np.atleast_1d(idx)]
         draws = None if gen is None else torch.rand((len(idx), DRAWS), generator=gen).numpy()
+        return self.batch_from_draws(idx, draws, hflip)
+
+    def batch_from_draws(self, idx, draws: np.ndarray | None, hflip: bool = True) -> np.ndarray:
+        """`batch` with the (B, DRAWS) uniforms given (None: eval views)."""
+        idx = [int(i) for i in np.atleast_1d(idx)]
         views = self._pool.map(
             lambda k: self._one(idx[k], None if draws is None else draws[k], hflip),
             range(len(idx)),

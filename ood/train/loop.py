@@ -17,7 +17,9 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ood.data.manifest import load_images, manifest_sha256
-from ood.data.views import StreamedImages
+from ood.data.views import DRAWS, StreamedImages
 from ood.io import atomic_path, sha256_file, write_text_atomic
 from ood.models.backbones import build_model, save_checkpoint
 from ood.models.specs import BACKBONES
@@ -37,6 +39,7 @@ from ood.train.objective import Batch, TrainContext
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "loss", "accuracy", "lr", "seconds")
+PREFETCH = 2  # streamed batches decoded ahead of the training step
 
 
 @dataclass
@@ -190,6 +193,9 @@ class MemoryInputs:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def start_epoch(self, calls: list[torch.Tensor], gen: torch.Generator) -> None:
+        """Nothing to prefetch: the images are decoded already."""
+
     def views(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return resize_input(augment(self.inputs[idx], self.settings, gen), self.upsample)
 
@@ -201,16 +207,49 @@ class MemoryInputs:
 
 class StreamedInputs:
     """Images decoded per batch: random-resized crops at the backbone's size to train,
-    central crops to evaluate (`ood.data.views`)."""
+    central crops to evaluate (`ood.data.views`).
+
+    After `start_epoch`, the next PREFETCH batches are decoded in the background
+    while the model trains on the current one.
+    """
 
     def __init__(self, images: StreamedImages, settings: TrainSettings):
         self.images, self.settings = images, settings
+        self._ahead = ThreadPoolExecutor(max_workers=1)  # orders batches; images has the pool
+        self._queue: deque[torch.Tensor] = deque()
+        self._pending: deque[tuple[torch.Tensor, Future]] = deque()
+        self._gen: torch.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def start_epoch(self, calls: list[torch.Tensor], gen: torch.Generator) -> None:
+        """Decode ahead the batches `views` will be asked for, in that order. Their
+        uniforms are drawn from `gen` in that order too, so timing never changes a view."""
+        for _, future in self._pending:
+            future.cancel()
+        self._queue, self._pending, self._gen = deque(calls), deque(), gen
+        for _ in range(PREFETCH):
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._queue:
+            idx = self._queue.popleft()
+            draws = torch.rand((len(idx), DRAWS), generator=self._gen).numpy()
+            job = self._ahead.submit(self.images.batch_from_draws, idx, draws, self.settings.hflip)
+            self._pending.append((idx, job))
+
     def views(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        batch = self.images.batch(idx, gen, hflip=self.settings.hflip)
+        """The next prefetched batch (which must be of rows `idx`); without
+        `start_epoch`, decoded now with uniforms from `gen`."""
+        if self._pending:
+            expected, job = self._pending.popleft()
+            if not torch.equal(expected, idx):
+                raise RuntimeError("streamed batches asked for out of the order announced")
+            self._submit()
+            batch = job.result()
+        else:
+            batch = self.images.batch(idx, gen, hflip=self.settings.hflip)
         return to_model_input(batch, self.settings.mean, self.settings.std)
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -427,21 +466,36 @@ def train(
         trained.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen)
+        batches = [
+            order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            for step in range(steps_per_epoch)
+        ]
+        # Streamed views draw from their own generators, in step order (decoded ahead).
+        inputs.start_epoch(
+            [idx for idx in batches for _ in range(objective.views)],
+            torch.Generator().manual_seed(seed * 100_003 + epoch + 70_001),
+        )
         if outliers is not None:  # their own stream: the ID draws stay those of ce
             outlier_gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_001)
             outlier_order = torch.randperm(len(outliers), generator=outlier_gen)
+            outlier_batches = [
+                outlier_order[
+                    torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
+                ]
+                for step in range(steps_per_epoch)
+            ]
+            outliers.start_epoch(
+                outlier_batches, torch.Generator().manual_seed(seed * 100_003 + epoch + 90_001)
+            )
         started = time.perf_counter()
         loss_sum, correct, scored = 0.0, 0, 0
         for step in range(steps_per_epoch):
-            idx = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            idx = batches[step]
             views = [inputs.views(idx, gen).to(dev) for _ in range(objective.views)]
             target = targets[idx].to(dev)
             batch = Batch(views, target, epoch=epoch, phase=phase.name, gen=gen)
             if outliers is not None:
-                picks = outlier_order[
-                    torch.arange(step * outlier_batch, (step + 1) * outlier_batch) % len(outliers)
-                ]
-                batch.outliers = outliers.views(picks, outlier_gen).to(dev)
+                batch.outliers = outliers.views(outlier_batches[step], outlier_gen).to(dev)
             if on_gpu:
                 batch.views = [v.contiguous(memory_format=layout) for v in batch.views]
             with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
