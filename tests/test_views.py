@@ -142,25 +142,14 @@ def test_streamed_training_resumes_exactly_and_feeds_features_and_gradient_score
     settings = TrainSettings.from_dict(
         {"images": "stream", "hflip": True, "epochs": 2, "batch_size": 4, "lr": 0.05}
     )
-    whole = train_into(mixed_sizes, tmp_path / "whole", "ce", settings, backbone=TINY_BACKBONE)
+
+    def run(out, **kwargs):
+        return train_into(mixed_sizes, out, "ce", settings, backbone=TINY_BACKBONE, **kwargs)
+
+    whole = run(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
-        train_into(
-            mixed_sizes,
-            tmp_path / "cut",
-            "ce",
-            settings,
-            backbone=TINY_BACKBONE,
-            resume_dir=tmp_path / "resume",
-            stop_after_epoch=1,
-        )
-    resumed = train_into(
-        mixed_sizes,
-        tmp_path / "cut",
-        "ce",
-        settings,
-        backbone=TINY_BACKBONE,
-        resume_dir=tmp_path / "resume",
-    )
+        run(tmp_path / "cut", resume_dir=tmp_path / "resume", stop_after_epoch=1)
+    resumed = run(tmp_path / "cut", resume_dir=tmp_path / "resume")
     assert whole["n_train"] == resumed["n_train"] == 12
     a = torch.load(tmp_path / "whole/model.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut/model.pt", weights_only=False)["model"]
