@@ -96,7 +96,9 @@ rule synth_collect:
         root=synth_root,
         settings=lambda w: to_json(synth_spec(w).get("sample", {})),
         # streamed models crop any size: keep the generated one
-        keep_size=lambda w: "--keep-size" if benchmark_images(w.benchmark) == "stream" else "",
+        keep_size=lambda w: (
+            "--keep-size" if benchmark_images(w.benchmark) == "stream" else ""
+        ),
     shell:
         "ood synth-collect --shards {input.shards} --root {params.root}"
         " --id-manifest {input.id_manifest} --out {output.manifest}"
