@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 import ood
 from ood.data.manifest import load_images, manifest_sha256
-from ood.data.views import StreamedImages
+from ood.data.views import StreamedImages, trained_on_streams
 from ood.io import FeatureSet, sha256_file, write_features
 from ood.models.backbones import N_VIEWS, features_and_logits, load_checkpoint
 from ood.models.specs import BACKBONES
@@ -48,7 +48,7 @@ def extract(
     model.to(dev)
     size = BACKBONES[meta["backbone"]].input_size
     mean, std = meta["settings"]["mean"], meta["settings"]["std"]
-    if meta["settings"].get("images", "memory") == "stream":  # as the model was trained
+    if trained_on_streams(meta["settings"]):  # the views the model was trained with
         images = StreamedImages(dataset_dir, split, size, threads, verify=True)
         labels, index, upsample = images.labels, images.index, None
     else:

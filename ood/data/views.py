@@ -38,6 +38,18 @@ AREA = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
 TRIES = 10
 DRAWS = 2 * TRIES + 3  # uniforms per image: (area, log-ratio) per try, placement x y, flip
+IMAGE_MODES = ("memory", "stream")  # the `images` setting: decode a split once, or per batch
+
+
+def check_images_mode(value: str, what: str) -> None:
+    """An error naming `what` (e.g. "training setting") unless `value` is an IMAGE_MODES one."""
+    if value not in IMAGE_MODES:
+        raise ValueError(f"{what} images: {value!r}; known: {', '.join(IMAGE_MODES)}")
+
+
+def trained_on_streams(train_settings: dict) -> bool:
+    """Whether a checkpoint's training settings streamed images (older ones had no key)."""
+    return train_settings.get("images", "memory") == "stream"
 
 
 def eval_box(width: int, height: int) -> tuple[float, float, float, float]:

@@ -91,7 +91,9 @@ class Network:
     @property
     def streamed(self) -> bool:
         """Trained on streamed views (`images: stream`): score the same eval views."""
-        return self.meta.get("settings", {}).get("images", "memory") == "stream"
+        from ood.data.views import trained_on_streams
+
+        return trained_on_streams(self.meta.get("settings", {}))
 
     @property
     def num_classes(self) -> int:
@@ -109,8 +111,7 @@ class Network:
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) on the device."""
-        size = BACKBONES[self.meta["backbone"]].input_size
-        upsample = input_size_for(images.shape, size, f"model {self.meta['backbone']!r}")
+        upsample = input_size_for(images.shape, self.input_size, f"model {self.meta['backbone']!r}")
         x = to_model_input(np.ascontiguousarray(images), self.mean, self.std, upsample)
         return x.to(self.device)
 

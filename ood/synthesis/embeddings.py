@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ood.data.views import StreamedImages
+from ood.data.views import StreamedImages, check_images_mode
 from ood.synthesis import check_positive, settings_from_dict
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ class EmbedSettings:
 
     def __post_init__(self) -> None:
         check_positive(self, ("epochs", "batch_size", "k", "keep", "pool"))
-        if self.images not in ("memory", "stream"):
-            raise ValueError(f"synthesis setting images: {self.images!r}; known: memory, stream")
+        check_images_mode(self.images, "synthesis setting")
         if self.keep > self.pool:
             raise ValueError(
                 f"synthesis setting keep ({self.keep}) exceeds pool ({self.pool}): "

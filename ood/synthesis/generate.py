@@ -360,14 +360,15 @@ def collect(
             f"shards {[str(p) for p in shard_csvs]} do not cover embedding ids 0..N-1 "
             "exactly once (a shard missing or given twice?)"
         )
-    height, width = (0, 0) if keep_size else load_image_size(id_dir)
+    # PIL sizes are (width, height); None keeps each image as generated.
+    target = None if keep_size else load_image_size(id_dir)[::-1]
 
     def records():
         for row in rows:
             with Image.open(root / row["image"]) as image:
                 image = image.convert("RGB")
-                if not keep_size and image.size != (width, height):
-                    image = image.resize((width, height), Image.BICUBIC)
+                if target is not None and image.size != target:
+                    image = image.resize(target, Image.BICUBIC)
                 yield "train", int(row["class"]), np.asarray(image)
 
     prompt = settings.template.format(PLACEHOLDER)

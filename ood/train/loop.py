@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ood.data.manifest import load_images, manifest_sha256
-from ood.data.views import DRAWS, StreamedImages
+from ood.data.views import DRAWS, StreamedImages, check_images_mode
 from ood.io import atomic_path, sha256_file, write_text_atomic
 from ood.models.backbones import build_model, save_checkpoint
 from ood.models.specs import BACKBONES
@@ -72,8 +72,7 @@ class TrainSettings:
     images: str = "memory"
 
     def __post_init__(self) -> None:
-        if self.images not in ("memory", "stream"):
-            raise ValueError(f"training setting images: {self.images!r}; known: memory, stream")
+        check_images_mode(self.images, "training setting")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"training setting optimizer: {self.optimizer!r}; known: sgd, adamw")
         if self.layer_decay != 1.0 and self.optimizer != "adamw":
